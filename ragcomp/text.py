@@ -38,6 +38,9 @@ class Sentence:
 
 def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
     """True when the period at text[end_of_term-1] is inside an abbreviation or number."""
+    nxt = text[end_of_term : end_of_term + 3].lstrip()
+    if nxt[:1].islower():
+        return True  # '"Yes!" she said', 'approx. five': lower case next, the sentence goes on
     if not term.startswith("."):
         return False
     # Word right before the period (letters, digits and inner periods).
@@ -46,7 +49,6 @@ def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
     if not word:
         return False
     lower = word.lower().rstrip(".")
-    nxt = text[end_of_term : end_of_term + 3].lstrip()
     if lower in ABBREVIATIONS:
         return True
     if lower in NUMBER_ABBREVIATIONS and nxt[:1].isdigit():
@@ -55,8 +57,7 @@ def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
         return True  # an initial: "J. R. R. Tolkien"
     if re.fullmatch(r"(?:[a-zA-Z]\.)+[a-zA-Z]", word):
         return True  # "U.S", "e.g"
-    # "approx. five", "Washington D.C. in 1915": lower case next means the sentence goes on.
-    return nxt[:1].islower()
+    return False
 
 
 def _boundaries(text: str) -> list[int]:

@@ -1,0 +1,338 @@
+"""`ragcomp eval`: metrics with hand-computed values, data validation, run planning, and an
+end-to-end eval (API and CLI) over a small real corpus with the offline MiniLM."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ragcomp.cli import main
+from ragcomp.corpus import load_corpus
+from ragcomp.eval import (
+    aggregate,
+    contains_answer,
+    evaluate,
+    evidence_present,
+    exact_match,
+    f1_score,
+    load_questions,
+    markdown,
+    percentile,
+    plan_runs,
+    plot,
+    squad_normalize,
+    write_json,
+)
+from ragcomp.llm import clean_answer, load_reader
+from ragcomp.types import Passage
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKI = DATA / "wiki_summaries_en.json"
+QA = DATA / "qa_dev.jsonl"
+needs_data = pytest.mark.skipif(not WIKI.exists() or not QA.exists(), reason="../shared/data not present")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+def test_squad_normalize_and_exact_match() -> None:
+    assert squad_normalize("The  Captains\u00a0Regent.") == "captains regent"
+    assert exact_match("the Mokattam Formation.", ["Mokattam Formation"]) == 1.0
+    assert exact_match("Mokattam", ["Mokattam Formation"]) == 0.0
+    assert exact_match("Aire", ["River Aire", "Aire"]) == 1.0  # any alias
+    assert exact_match(None, ["x"]) == 0.0
+
+
+def test_f1_hand_computed() -> None:
+    # pred {in, 1915} vs gold {1915}: precision 1/2, recall 1 -> 2/3.
+    assert f1_score("in 1915", ["1915"]) == pytest.approx(2 / 3)
+    # vs "franklin d roosevelt": p 2/2, r 2/3 -> 0.8; vs "roosevelt": p 1/2, r 1 -> 2/3; max 0.8.
+    assert f1_score("Franklin Roosevelt", ["Franklin D. Roosevelt", "Roosevelt"]) == pytest.approx(0.8)
+    assert f1_score("Paris", ["London"]) == 0.0
+    # Repeated tokens count once per occurrence in both: "a b b" vs "b b c" -> common 2 of 3 and 3.
+    assert f1_score("x y y", ["y y z"]) == pytest.approx(2 / 3)
+    # Normalisation: non-breaking space and punctuation.
+    assert f1_score("6.7\u00a0million tonnes", ["6.7 million tonnes"]) == 1.0
+
+
+def test_contains_answer_whitespace_case_and_word_edges() -> None:
+    ctx = "It produced 6.7 million tonnes in 2019. Born in 1917."
+    assert contains_answer(ctx, ["6.7\u00a0million tonnes"])  # NBSP in the answer
+    assert contains_answer("six: 6.7\u00a0million  tonnes", ["6.7 million tonnes"])  # NBSP in the context
+    assert contains_answer(ctx, ["BORN IN 1917"])
+    assert not contains_answer(ctx, ["17"])  # not inside 1917
+    assert not contains_answer(ctx, ["million ton"])
+    assert contains_answer("the U.S. and", ["U.S."])
+    assert not contains_answer("", ["x"]) and not contains_answer(None, ["x"])
+
+
+def test_evidence_present_is_verbatim_modulo_whitespace() -> None:
+    ctx = "First sentence here.  It is located 440\u00a0kilometres south of Tehran. Last."
+    assert evidence_present(ctx, [
+        "It is located 440 kilometres south of Tehran.",
+        "it is located 440 kilometres south of tehran.",  # case matters: verbatim
+        "It is located 440 kilometres south",  # a substring still counts as present
+        "Not there.",
+    ]) == [True, False, True, False]
+
+
+def test_percentile_linear_interpolation() -> None:
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile(list(range(1, 21)), 95) == pytest.approx(19.05)
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([], 50) is None
+
+
+def _rec(titles: int, found: int, ev: int, ev_retr: int, ev_kept: int, ans_retr: bool, ans_ctx: bool,
+         tin: int, tout: int, empty: bool = False, em: float | None = None, f1: float | None = None,
+         ms: float = 10.0) -> dict:
+    return {"titles": ["t"] * titles, "titles_found": found, "evidence": ev, "evidence_in_retrieved": ev_retr,
+            "evidence_kept": ev_kept, "answer_in_retrieved": ans_retr, "answer_in_context": ans_ctx,
+            "tokens_in": tin, "tokens_out": tout, "empty": empty, "em": em, "f1": f1,
+            "latency_ms": {"retrieve": 1.0, "compress": ms, "generate": None, "total": ms + 1}}
+
+
+def test_aggregate_micro_averages_by_hand() -> None:
+    per_q = [
+        _rec(1, 1, 1, 1, 0, True, True, 100, 25, ms=10),
+        _rec(2, 1, 2, 1, 1, False, False, 200, 50, ms=30),
+        _rec(1, 0, 1, 0, 0, True, False, 100, 0, empty=True, ms=20),
+    ]
+    agg = aggregate(per_q, generates=False)
+    assert agg["n"] == 3
+    assert (agg["tokens_in"], agg["tokens_out"]) == (400, 75)
+    assert agg["compression_ratio"] == pytest.approx(400 / 75, abs=1e-4)
+    assert agg["retrieval_recall"] == pytest.approx(2 / 4)  # titles found / titles
+    assert agg["evidence_recall"] == pytest.approx(1 / 2)  # kept / present in retrieved
+    assert agg["answer_kept"] == pytest.approx(1 / 2)  # of the 2 whose retrieval had it
+    assert agg["empty_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert agg["em"] is None and agg["f1"] is None
+    assert agg["latency_ms"]["compress"] == {"p50": 20.0, "p95": 29.0}
+    assert agg["latency_ms"]["generate"] == {"p50": None, "p95": None}
+    with_reader = aggregate([_rec(1, 1, 1, 1, 1, True, True, 10, 5, em=1.0, f1=1.0),
+                             _rec(1, 1, 1, 1, 1, True, True, 10, 5, em=0.0, f1=0.5)], generates=True)
+    assert (with_reader["em"], with_reader["f1"]) == (0.5, 0.75)
+    nothing = aggregate([_rec(1, 0, 0, 0, 0, False, False, 10, 0, empty=True)], generates=False)
+    assert nothing["compression_ratio"] is None and nothing["evidence_recall"] is None
+    assert nothing["answer_kept"] is None
+
+
+def test_clean_answer() -> None:
+    assert clean_answer("The answer is: 17 kJ.") == "17 kJ"
+    assert clean_answer('"Paris"\nBecause the context says so.') == "Paris"
+    assert clean_answer("\n\nAnswer: mouthguards.") == "mouthguards"
+    assert clean_answer("Washington, D.C.") == "Washington, D.C."
+    assert clean_answer("**Almagest**") == "Almagest"
+    assert clean_answer("") == "" and clean_answer(None) == ""
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+def _write(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+Q1 = {"id": "a", "question": "Q?", "answers": ["x"], "titles": ["T"], "evidence": ["x is T."]}
+
+
+def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, "qa.jsonl", [json.dumps(Q1), "", '{"id": "b", "question": '])
+    with pytest.raises(ValueError, match=r"qa\.jsonl:3: malformed JSON"):
+        load_questions(p)
+    p = _write(tmp_path, "qa2.jsonl", [json.dumps(Q1), json.dumps({"id": "b", "answers": ["y"]})])
+    with pytest.raises(ValueError, match=r"qa2\.jsonl:2: 'question' must be a non-empty string"):
+        load_questions(p)
+    p = _write(tmp_path, "qa3.jsonl", [json.dumps({**Q1, "answers": "x", "titles": [1]})])
+    with pytest.raises(ValueError, match=r"qa3\.jsonl:1: 'titles' must be a list of strings"):
+        load_questions(p)
+    p = _write(tmp_path, "qa4.jsonl", [json.dumps(Q1), json.dumps(Q1)])
+    with pytest.raises(ValueError, match=r"duplicate question id 'a'"):
+        load_questions(p)
+
+
+def test_unknown_keys_warn_once(tmp_path: Path) -> None:
+    lines = [json.dumps({**Q1, "id": str(i), "foo": 1, **({"bar": 2} if i == 0 else {})}) for i in range(3)]
+    p = _write(tmp_path, "qa.jsonl", lines)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qs = load_questions(p)
+    assert len(qs) == 3
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "'bar' (1 item)" in msg and "'foo' (3 items)" in msg and "qa.jsonl" in msg
+    # multi_type is part of the format: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = load_questions([{**Q1, "multi_type": "bridge"}])[0]
+    assert q.meta == {"multi_type": "bridge"}
+
+
+@needs_data
+def test_dev_set_loads_cleanly() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qs = load_questions(QA)
+    assert len(qs) == 200 and qs[0].id == "dev-s-001"
+    assert len(load_questions(QA, limit=7)) == 7
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+def test_plan_runs_routes_params_and_sweeps() -> None:
+    runs = plan_runs(["rerank", "recomp-extractive"], {"rerank.top_n": 3, "threshold": 0.1}, None, True)
+    assert [r.label for r in runs] == ["none (uncompressed)", "rerank", "recomp-extractive"]
+    assert runs[1].params == {"top_n": 3, "threshold": 0.1}
+    assert runs[2].params == {"threshold": 0.1}
+    runs = plan_runs(["rerank", "recomp-extractive"], {"top_n": 2}, ("top_k", [1, 4]), False)
+    assert [r.label for r in runs] == ["rerank", "recomp-extractive top_k=1", "recomp-extractive top_k=4"]
+    assert runs[2].params == {"top_k": 4}
+    with pytest.raises(ValueError, match="no method among .* accepts parameter 'bogus'"):
+        plan_runs(["rerank"], {"bogus": 1})
+    with pytest.raises(ValueError, match="does not accept parameter 'top_k'"):
+        plan_runs(["rerank", "recomp-extractive"], {"rerank.top_k": 1})
+    with pytest.raises(ValueError, match="not among the methods run"):
+        plan_runs(["rerank"], {"recomp-extractive.top_k": 1})
+    with pytest.raises(ValueError, match="Did you mean 'rerank'"):
+        plan_runs(["rerankk"])
+    with pytest.raises(ValueError, match="no method"):
+        plan_runs([], baseline=False)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+def small_corpus(n: int = 300, questions: int = 40) -> list[Passage]:
+    """Same as in test_retrieval.py, so both modules share one saved index."""
+    corpus = {p.id: p for p in load_corpus(WIKI)}
+    rows = [json.loads(line) for line in QA.read_text(encoding="utf-8").splitlines()[:questions]]
+    gold = list(dict.fromkeys(t for r in rows for t in r["titles"]))
+    rest = sorted(set(corpus) - set(gold))
+    random.Random(0).shuffle(rest)
+    return [corpus[t] for t in gold + rest[: n - len(gold)]]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "small-wiki-index"
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "text": p.text, **p.metadata}) + "\n"
+                            for p in small_corpus()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six dev questions (singles and multis) plus one whose gold article is not in the corpus."""
+    lines = QA.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(x) for x in lines[:4] + lines[160:162]]
+    rows.append({"id": "orphan", "question": "What is the capital of Atlantis?", "answers": ["Poseidonia"],
+                 "titles": ["Atlantis (fictional)"], "evidence": ["Its capital is Poseidonia."]})
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@needs_data
+def test_evaluate_end_to_end(corpus_file: Path, qa_file: Path, index_dir: Path, tmp_path: Path) -> None:
+    report = evaluate(qa_file, method="rerank,recomp-extractive", params={"rerank.top_n": 2},
+                      corpus=corpus_file, retrieve_k=5, reader="none", baseline=True, device="cpu",
+                      index_dir=index_dir)
+    assert report["n_questions"] == 7
+    assert report["missing_titles"] == {"count": 1, "questions": [{"id": "orphan",
+                                                                   "titles": ["Atlantis (fictional)"]}]}
+    assert report["config"]["tokenizer"] == "cl100k_base"
+    base, rerank, recomp = report["runs"]
+    assert [r["label"] for r in report["runs"]] == ["none (uncompressed)", "rerank", "recomp-extractive"]
+    # One retrieval shared by every row.
+    for r in (rerank, recomp):
+        assert [q["retrieved"] for q in r["per_question"]] == [q["retrieved"] for q in base["per_question"]]
+        assert r["retrieval_recall"] == base["retrieval_recall"]
+        assert r["tokens_in"] == base["tokens_in"]
+    # The uncompressed row keeps everything by definition.
+    assert base["tokens_out"] == base["tokens_in"] and base["compression_ratio"] == 1.0
+    assert base["evidence_recall"] == 1.0 and base["answer_kept"] == 1.0 and base["empty_rate"] == 0.0
+    # The orphan question is kept and counted as a retrieval miss.
+    orphan = base["per_question"][-1]
+    assert orphan["id"] == "orphan" and orphan["titles_found"] == 0 and not orphan["answer_in_retrieved"]
+    titles = sum(len(q["titles"]) for q in base["per_question"])
+    found = sum(q["titles_found"] for q in base["per_question"])
+    assert base["retrieval_recall"] == round(found / titles, 4)
+    assert found >= titles - 2  # the gold articles are in this small corpus
+    assert all(len(q["kept"]) <= 2 for q in rerank["per_question"])
+    assert rerank["compression_ratio"] > 1.5 and recomp["compression_ratio"] > 1.5
+    for run in report["runs"]:
+        assert run["em"] is None and run["f1"] is None
+        assert set(run["latency_ms"]) == {"retrieve", "compress", "generate", "total"}
+        assert run["latency_ms"]["total"]["p50"] <= run["latency_ms"]["total"]["p95"]
+        assert run["latency_ms"]["generate"]["p50"] is None
+        per = run["per_question"]
+        kept = sum(q["evidence_kept"] for q in per)
+        assert run["evidence_recall"] == round(kept / sum(q["evidence_in_retrieved"] for q in per), 4)
+        assert 0.0 <= run["answer_kept"] <= 1.0
+    json.loads(json.dumps(report, allow_nan=False))  # strict JSON: no inf or NaN anywhere
+    md = markdown(report)
+    assert "| none (uncompressed)" in md and "| recomp-extractive" in md and "orphan" in md
+    png = plot(report, tmp_path / "eval.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(write_json(report, tmp_path / "r.json").read_text())["runs"][0]["n"] == 7
+
+
+@needs_data
+def test_cli_sweep_writes_all_outputs(corpus_file: Path, qa_file: Path, index_dir: Path,
+                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    rc = main(["eval", "--data", str(qa_file), "--corpus", str(corpus_file), "--index-dir", str(index_dir),
+               "--retrieve-k", "5", "--method", "recomp-extractive", "--baseline", "--sweep", "top_k=1,3",
+               "--limit", "4", "--device", "cpu", "--quiet", "--json", str(out / "e.json"),
+               "--markdown", str(out / "e.md"), "--plot", str(out / "e.png")])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "recomp-extractive top_k=1" in stdout and "recomp-extractive top_k=3" in stdout
+    report = json.loads((out / "e.json").read_text())
+    labels = [r["label"] for r in report["runs"]]
+    assert labels == ["none (uncompressed)", "recomp-extractive top_k=1", "recomp-extractive top_k=3"]
+    k1, k3 = report["runs"][1], report["runs"][2]
+    assert k1["sweep"] == {"key": "top_k", "value": 1}
+    assert k1["tokens_out"] <= k3["tokens_out"]  # fewer sentences, fewer tokens
+    assert (out / "e.md").read_text().startswith("## ragcomp eval")
+    assert (out / "e.png").stat().st_size > 10_000
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _write(tmp_path, "qa.jsonl", [json.dumps(Q1), "{not json"])
+    assert main(["eval", "--data", str(bad), "--method", "rerank"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert main(["eval", "--data", str(tmp_path / "missing.jsonl"), "--baseline"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--data", str(bad)]) == 2
+    assert "--method" in capsys.readouterr().err
+
+
+def test_load_reader_rejects_bad_specs() -> None:
+    assert load_reader("none").tokenizer == "cl100k"
+    assert load_reader("none", tokenizer="o200k").tokenizer == "o200k"
+    with pytest.raises(ValueError, match="needs a model name"):
+        load_reader("openai:")
+    with pytest.raises(ValueError, match="only for 'openai:MODEL'"):
+        load_reader("smollm2-135m", base_url="http://localhost:1/v1")
+
+
+@needs_data
+@pytest.mark.slow
+def test_smollm2_reader_answers_short() -> None:
+    reader = load_reader("smollm2-135m", device="cpu")
+    assert reader.tokenizer == "smollm2-135m"
+    ctx = json.loads(WIKI.read_text(encoding="utf-8"))["Leeds"]["extract"]
+    answer = reader.answer("Which river is the West Yorkshire city of Leeds built around?", ctx)
+    assert "aire" in answer.lower()
+    assert "\n" not in answer and not answer.endswith(".")
+    assert len(answer.split()) <= 32
