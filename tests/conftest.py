@@ -17,6 +17,11 @@ from contextlib import ExitStack
 
 import pytest
 
+# Tests use only packaged or locally saved weights: never wait on hub retries for a name
+# that is meant to be missing. Set before transformers/huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 def _require_binary(name: str) -> str:
     path = shutil.which(name)
