@@ -55,9 +55,8 @@ def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
         return True
     if len(word) == 1 and word.isalpha() and word.isupper():
         return True  # an initial: "J. R. R. Tolkien"
-    if re.fullmatch(r"(?:[a-zA-Z]\.)+[a-zA-Z]", word):
-        return True  # "U.S", "e.g"
-    return False
+    # "U.S", "e.g": letters joined by periods.
+    return re.fullmatch(r"(?:[a-zA-Z]\.)+[a-zA-Z]", word) is not None
 
 
 def _boundaries(text: str) -> list[int]:
