@@ -21,10 +21,12 @@ pytestmark = pytest.mark.skipif(not WIKI.exists() or not QA.exists(), reason="..
 
 
 def small_corpus(n: int = 300, questions: int = 40) -> list[Passage]:
-    """The gold articles of the first `questions` dev questions plus random others, n in all.
+    """The gold articles of the first `questions` dev questions and of 10 two-hop ones, plus
+    random others, n in all.
     Same function in test_eval.py: both modules then share one saved index."""
     corpus = {p.id: p for p in load_corpus(WIKI)}
-    rows = [json.loads(line) for line in QA.read_text(encoding="utf-8").splitlines()[:questions]]
+    lines = QA.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines[:questions] + lines[160:170]]  # singles and multis
     gold = list(dict.fromkeys(t for r in rows for t in r["titles"]))
     rest = sorted(set(corpus) - set(gold))
     random.Random(0).shuffle(rest)
@@ -58,7 +60,8 @@ def test_load_corpus_wiki_alias_matches_shared_file() -> None:
 
 def test_load_jsonl_corpus_and_errors(tmp_path: Path) -> None:
     good = tmp_path / "c.jsonl"
-    good.write_text('{"id": 1, "text": "one", "lang": "en"}\n\n{"id": "b", "text": "two"}\n', encoding="utf-8")
+    good.write_text('{"id": 1, "text": "one", "lang": "en"}\n\n{"id": "b", "text": "two"}\n',
+                    encoding="utf-8")
     ps = load_corpus(good)
     assert [(p.id, p.text) for p in ps] == [("1", "one"), ("b", "two")]
     assert ps[0].metadata == {"lang": "en"}
@@ -78,7 +81,8 @@ def test_retrieve_finds_gold_articles(retriever: CorpusRetriever) -> None:
     rows = [json.loads(line) for line in QA.read_text(encoding="utf-8").splitlines()[:40]]
     single = [r for r in rows if r["type"] == "single"]
     hits = retriever.retrieve_batch([r["question"] for r in single], k=5)
-    recall = sum(r["titles"][0] in {p.id for p in ps} for r, ps in zip(single, hits, strict=True)) / len(single)
+    found = [r["titles"][0] in {p.id for p in ps} for r, ps in zip(single, hits, strict=True)]
+    recall = sum(found) / len(single)
     assert recall >= 0.8, recall
     top = retriever.retrieve("Which river is the West Yorkshire city of Leeds built around?", k=3)
     assert top[0].id == "Leeds"

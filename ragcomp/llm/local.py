@@ -1,0 +1,55 @@
+"""A local causal LM as reader: greedy decoding with the shared short-answer prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ragcomp.llm import Reader, clean_answer, system_prompt, user_prompt
+from ragcomp.models import CausalLM, load_causal_lm
+
+
+class LocalReader(Reader):
+    """Answers with a local chat model (default SmolLM2-135M-Instruct, offline).
+
+    The context is cut (at a token boundary) when prompt plus answer would exceed the
+    model's context window, so a long uncompressed context degrades instead of crashing.
+    """
+
+    def __init__(
+        self,
+        model: str | CausalLM = "smollm2-135m",
+        device: str | None = None,
+        tokenizer: str | None = None,
+        max_new_tokens: int = 32,
+        dtype: Any = None,
+    ) -> None:
+        self.lm = model if isinstance(model, CausalLM) else load_causal_lm(model, device=device, dtype=dtype)
+        self.name = self.lm.name
+        # The model's own tokenizer by default: compression is measured in the tokens it reads.
+        self.tokenizer = tokenizer or self.lm.name
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self.max_new_tokens = max_new_tokens
+        self.truncated = 0  # how many prompts had their context cut to fit
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "tokenizer": self.tokenizer, "device": str(self.lm.device),
+                "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+
+    def prompt_ids(self, question: str, context: str | None) -> list[int]:
+        ids = self.lm.chat_ids(user_prompt(question, context), system=system_prompt(context))
+        room = self.lm.max_context - self.max_new_tokens
+        if len(ids) <= room or not context:
+            return ids
+        self.truncated += 1
+        tok = self.lm.tokenizer
+        ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+        keep = max(len(ctx_ids) - (len(ids) - room), 0)
+        cut = tok.decode(ctx_ids[:keep], skip_special_tokens=True)
+        return self.lm.chat_ids(user_prompt(question, cut), system=system_prompt(cut))
+
+    def generate_raw(self, question: str, context: str | None) -> str:
+        return self.lm.generate(self.prompt_ids(question, context), max_new_tokens=self.max_new_tokens)
+
+    def answer(self, question: str, context: str | None) -> str:
+        return clean_answer(self.generate_raw(question, context))
