@@ -187,3 +187,26 @@ def test_pipeline_composes_spans_to_original(embedder: CachedEmbedder) -> None:
         assert c.passage is original
         assert " ".join(original.text[a:b] for a, b in c.spans) == c.text
     assert len(res.items) == 3  # dropped passages still reported once
+
+
+def test_rerank_loads_a_cross_encoder_checkpoint(tmp_path) -> None:
+    """A tiny random BERT cross-encoder saved in the sentence-transformers layout loads by
+    path; its scores (not the embedder's) decide the order."""
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from ragcomp.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    expected = CrossEncoder(str(tmp_path), device="cpu").predict(
+        [("capital of France?", p.text) for p in PASSAGES])
+    res = load_compressor("rerank", cross_encoder=str(tmp_path), top_n=2, device="cpu").compress(
+        "capital of France?", PASSAGES)
+    order = sorted(range(3), key=lambda i: -expected[i])
+    assert [c.passage.id for c in res.items] == [PASSAGES[i].id for i in order]
+    assert [c.kept for c in res.items] == [True, True, False]
+    assert abs(res.items[0].score - float(expected[order[0]])) < 1e-5
