@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 PASSAGES = [
     Passage("eiffel", "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889."),
-    Passage("nile", "The Nile is a major north-flowing river in Africa. It flows into the Mediterranean Sea."),
+    Passage("nile", "The Nile is a major north-flowing river in Africa. It flows into the Mediterranean."),
     Passage("everest", "Mount Everest is the highest mountain above sea level, in the Himalayas of Nepal."),
 ]
 QUESTION = "When was the Eiffel Tower completed?"
@@ -80,8 +80,9 @@ def test_moved_chunk_matches_direct_encoding_at_that_offset(kv: KVCache, shift: 
     # direct: the same tokens encoded from position `shift`
     direct = eng.make_cache()
     with torch.inference_mode():
-        eng.decoder(input_ids=torch.tensor([prefix.ids + ids]), position_ids=torch.arange(shift, shift + n_p + n)[None],
-                    past_key_values=direct, use_cache=True)
+        eng.decoder(input_ids=torch.tensor([prefix.ids + ids]),
+                    position_ids=torch.arange(shift, shift + n_p + n)[None], past_key_values=direct,
+                    use_cache=True)
     ref = eng.prefill(direct, q, shift + n_p + n)
     # moved: stored KV rotated by `shift`
     keys, values = eng.new_buffers(shift + n_p + n)
@@ -91,7 +92,8 @@ def test_moved_chunk_matches_direct_encoding_at_that_offset(kv: KVCache, shift: 
     got = eng.prefill(moved, q, shift + n_p + n)
     assert _kl(ref, got) <= 1e-6
     # without the rotation the logits are clearly off: the test can tell
-    unrotated = eng.make_cache(torch.cat([prefix.keys, chunk.keys], 2), torch.cat([prefix.values, chunk.values], 2))
+    unrotated = eng.make_cache(torch.cat([prefix.keys, chunk.keys], 2),
+                               torch.cat([prefix.values, chunk.values], 2))
     assert _kl(ref, eng.prefill(unrotated, q, shift + n_p + n)) > 1e-3
 
 

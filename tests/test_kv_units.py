@@ -153,8 +153,9 @@ def test_tiny_model_assembly_and_full_repair_match_full_prefill(tiny: tuple[obje
     model, _ = tiny
     eng = KVEngine(model, "tiny")
     prefix = eng.encode_prefix([1, 5, 9, 11])
-    chunks = eng.encode_chunks(prefix, [[20, 21, 22, 23, 24], [30, 31, 32], [40, 41, 42, 43]], batch_size=2)
-    one_by_one = eng.encode_chunks(prefix, [[20, 21, 22, 23, 24], [30, 31, 32], [40, 41, 42, 43]], batch_size=1)
+    texts = [[20, 21, 22, 23, 24], [30, 31, 32], [40, 41, 42, 43]]
+    chunks = eng.encode_chunks(prefix, texts, batch_size=2)
+    one_by_one = eng.encode_chunks(prefix, texts, batch_size=1)
     for a, b in zip(chunks, one_by_one, strict=True):
         assert (a.keys - b.keys).abs().max() < 1e-5  # right padding does not leak into real tokens
     q = [7, 8, 9]
@@ -191,3 +192,26 @@ def test_fingerprints_separate_model_dtype_prefix_text(tiny: tuple[object, objec
     assert base == KVEngine(half, "tiny").fingerprint([1, 2], [3, 4])  # same weights: same KV
     half = half.to(torch.bfloat16)
     assert base != KVEngine(half, "tiny").fingerprint([1, 2], [3, 4])  # dtype
+
+
+@pytest.mark.parametrize(("storage", "packed"), [("native", False), ("native", True), ("fp8", True)])
+def test_streamed_assembly_equals_chunk_by_chunk(tiny: tuple[object, object], storage: str,
+                                                 packed: bool) -> None:
+    """The GPU path (layer groups, gather, per-token rotation) computes what `assemble` does."""
+    from ragcomp.kv.codec import pack
+
+    model, _ = tiny
+    eng = KVEngine(model, "tiny", storage=storage)
+    prefix = eng.encode_prefix([1, 5, 9])
+    chunks = eng.encode_chunks(prefix, [[20, 21, 22, 23, 24], [30, 31], [40, 41, 42, 43]])
+    if packed:
+        chunks = [pack(c, "cpu") for c in chunks[:2]] + chunks[2:]  # mixed on purpose
+        assert chunks[0].packed is not None and not chunks[0].keys.is_contiguous()
+    q = [7, 8]
+    ref = eng.assemble(prefix, chunks)
+    ref_logits = eng.prefill(eng.make_cache(ref.keys, ref.values), q, len(ref.ids))
+    asm, _, logits = eng.prefill_streamed(prefix, chunks, q, groups=2)  # 3 layers: groups of 2 and 1
+    assert asm.ids == ref.ids and asm.spans == ref.spans
+    # same operations in the same order: identical bits, not just close
+    assert torch.equal(asm.keys, ref.keys) and torch.equal(asm.values, ref.values)
+    assert torch.equal(logits, ref_logits)

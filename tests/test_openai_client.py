@@ -192,7 +192,9 @@ def test_unreachable_url_fails_fast_with_the_url() -> None:
     assert time.perf_counter() - t < 2  # no retries, no backoff on a refused connection
 
 
-def test_cli_unreachable_reader_fails_before_indexing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unreachable_reader_fails_before_indexing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "Q?", "answers": ["a"], "titles": ["T"]}) + "\n", encoding="utf-8")
     url = f"http://127.0.0.1:{free_port()}/v1"
@@ -232,14 +234,16 @@ def test_evaluate_with_remote_reader(server: ChatServer) -> None:
     ]
     data = [
         {"id": "q1", "question": "Which river is the West Yorkshire city of Leeds built around?",
-         "answers": ["River Aire", "Aire"], "titles": ["Leeds"], "evidence": ["It is built around the River Aire."]},
+         "answers": ["River Aire", "Aire"], "titles": ["Leeds"],
+         "evidence": ["It is built around the River Aire."]},
         {"id": "q2", "question": "When did Kazimir Malevich introduce Suprematism?", "answers": ["1915"],
          "titles": ["Kazimir Malevich"], "evidence": ["He introduced Suprematism in 1915."]},
         {"id": "q3", "question": "Which sea does the Nile flow into?", "answers": ["Mediterranean Sea"],
          "titles": ["Nile"], "evidence": []},
     ]
     reader = OpenAIReader("rule", base_url=server.url, timeout=5)
-    report = evaluate(data, method=[], baseline=True, corpus=corpus, retrieve_k=2, reader=reader, device="cpu")
+    report = evaluate(data, method=[], baseline=True, corpus=corpus, retrieve_k=2, reader=reader,
+                      device="cpu")
     run = report["runs"][0]
     preds = {q["id"]: q["prediction"] for q in run["per_question"]}
     assert preds == {"q1": "the River Aire", "q2": "in 1915", "q3": "unknown"}

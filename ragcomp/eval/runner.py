@@ -1,0 +1,440 @@
+"""Run methods over eval questions: retrieve once, compress per method, read, measure.
+
+Every method (and the uncompressed baseline, method "none") sees the same retrieved
+passages for a question, and all contexts are counted with the reader's tokenizer, so the
+rows of one report are directly comparable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragcomp.base import Compressor
+from ragcomp.embeddings import CachedEmbedder
+from ragcomp.eval.data import Question, load_questions
+from ragcomp.eval.metrics import (
+    contains_answer,
+    evidence_present,
+    exact_match,
+    f1_score,
+    percentile,
+    ratio,
+)
+from ragcomp.llm import NoReader, Reader, load_reader
+from ragcomp.registry import compressor_class, load_compressor
+from ragcomp.stores.memory import MemoryStore
+from ragcomp.tokens import TokenCounter, get_counter
+from ragcomp.types import Passage
+
+BASELINE = "none"  # method name of the uncompressed top-k context
+SEPARATOR = "\n\n"  # how the uncompressed passages are joined (the compressors' default too)
+STAGES = ("retrieve", "compress", "generate", "total")
+
+
+@dataclass
+class RunSpec:
+    """One row of the report: a method with its parameters (and the swept value, if any)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == BASELINE:
+            return "none (uncompressed)"
+        if self.sweep is not None:
+            return f"{self.method} {self.sweep[0]}={self.sweep[1]}"
+        return self.method
+
+
+SweepSpec = str | tuple[str, Sequence[Any]]
+
+
+def parse_sweep(spec: SweepSpec | Sequence[SweepSpec] | None) -> list[tuple[str, list[Any]]]:
+    """Sweeps from 'KEY=V1,V2,...' strings (values parsed like --param) or (key, values)
+    tuples; one spec or a list of them."""
+    if spec is None:
+        return []
+    specs = [spec] if isinstance(spec, (str, tuple)) else list(spec)
+    out = []
+    for one in specs:
+        if isinstance(one, tuple):
+            key, values = one[0], list(one[1])
+        else:
+            from ragcomp.cli import parse_value
+
+            if not isinstance(one, str) or "=" not in one:
+                raise ValueError(f"sweep expects KEY=V1,V2,..., got {one!r}")
+            key, raw = one.split("=", 1)
+            values = [parse_value(v.strip()) for v in raw.split(",") if v.strip()]
+        key = key.strip()
+        if not key or not values:
+            raise ValueError(f"sweep needs a key and at least one value, got {one!r}")
+        out.append((key, values))
+    return out
+
+
+def _accepts(method: str, key: str) -> bool:
+    sig = inspect.signature(compressor_class(method).__init__)
+    return key in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _split_key(key: str, methods: Sequence[str]) -> tuple[str | None, str]:
+    """'rerank.top_n' -> ('rerank', 'top_n'); a key without a method prefix -> (None, key)."""
+    if "." in key:
+        prefix, rest = key.split(".", 1)
+        if prefix in methods or prefix == BASELINE:
+            return prefix, rest
+        raise ValueError(
+            f"parameter {key!r} names method {prefix!r}, which is not among the methods run "
+            f"({', '.join(methods)})"
+        )
+    return None, key
+
+
+def plan_runs(
+    methods: Sequence[str],
+    params: Mapping[str, Any] | None = None,
+    sweep: SweepSpec | Sequence[SweepSpec] | None = None,
+    baseline: bool = False,
+) -> list[RunSpec]:
+    """Expand methods x sweep values into rows, routing parameters to the methods that take them.
+
+    A plain KEY goes to every method that accepts it (an error if none does); METHOD.KEY goes
+    to that method only. Sweeps route the same way; a method is swept by at most one key.
+    The baseline comes first.
+    """
+    methods = list(dict.fromkeys(methods))  # de-duplicate, keep order
+    if baseline and BASELINE not in methods:
+        methods.insert(0, BASELINE)
+    if not methods:
+        raise ValueError("no method to evaluate: give --method NAME and/or --baseline")
+    real = [m for m in methods if m != BASELINE]
+    for m in real:
+        compressor_class(m)  # unknown names fail here, with a suggestion
+    per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in (params or {}).items():
+        target, name = _split_key(key, methods)
+        if target == BASELINE:
+            raise ValueError(f"the uncompressed baseline takes no parameters (got {key!r})")
+        targets = [target] if target else [m for m in real if _accepts(m, name)]
+        if not targets:
+            raise ValueError(f"no method among {', '.join(methods)} accepts parameter {name!r}")
+        for m in targets:
+            if not _accepts(m, name):
+                raise ValueError(f"method {m!r} does not accept parameter {name!r}")
+            per_method[m][name] = value
+    swept: dict[str, tuple[str, list[Any]]] = {}
+    for key, values in parse_sweep(sweep):
+        target, name = _split_key(key, methods)
+        if target == BASELINE:
+            raise ValueError("the uncompressed baseline cannot be swept")
+        if target is not None and not _accepts(target, name):
+            raise ValueError(f"method {target!r} does not accept sweep key {name!r}")
+        targets = [target] if target else [m for m in real if _accepts(m, name)]
+        if not targets:
+            raise ValueError(f"no method among {', '.join(real) or '(none)'} accepts sweep key {name!r}")
+        for m in targets:
+            if m in swept:
+                raise ValueError(f"method {m!r} is swept by both {swept[m][0]!r} and {name!r}; "
+                                 "sweep one key per method")
+            swept[m] = (name, values)
+    runs: list[RunSpec] = []
+    for m in methods:
+        if m in swept:
+            name, values = swept[m]
+            runs.extend(RunSpec(m, {**per_method[m], name: v}, (name, v)) for v in values)
+        else:
+            runs.append(RunSpec(m, per_method[m]))
+    return runs
+
+
+def _build_compressor(spec: RunSpec, tokenizer: str, device: str | None) -> Compressor | None:
+    if spec.method == BASELINE:
+        return None
+    params = dict(spec.params)
+    # Budgets inside a method must be in the reader's tokens, like the report's counts.
+    if "tokenizer" not in params and _accepts(spec.method, "tokenizer"):
+        params["tokenizer"] = tokenizer
+    if device is not None and "device" not in params and _accepts(spec.method, "device"):
+        params["device"] = device
+    try:
+        return load_compressor(spec.method, **params)
+    except TypeError as e:  # unknown parameter: bad input, not a bug
+        raise ValueError(str(e)) from None
+
+
+def _progress(iterable: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="q", file=sys.stderr, leave=True)
+
+
+def evaluate(
+    data: str | Path | Iterable[Mapping[str, Any] | Question],
+    method: str | Sequence[str] = (),
+    params: Mapping[str, Any] | None = None,
+    corpus: str | Path | Sequence[Passage] = "wiki",
+    retrieve_k: int = 10,
+    reader: str | Reader | None = "none",
+    baseline: bool = False,
+    limit: int | None = None,
+    *,
+    sweep: SweepSpec | Sequence[SweepSpec] | None = None,
+    base_url: str | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    embedder: str = "minilm",
+    index_dir: str | Path | None = None,
+    retriever: Any = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate compression methods on questions; returns the report dict (see `ragcomp eval`).
+
+    `method` is a name, a comma list or a list of names; "none" (or `baseline=True`) adds the
+    uncompressed top-k context. `params` go to every method that accepts them, or to one
+    method as "METHOD.KEY". `corpus` is "wiki", a corpus file, or a list of Passages (then
+    indexed in memory). `retriever` may be a prebuilt CorpusRetriever.
+    """
+    t_start = time.perf_counter()
+    if isinstance(retrieve_k, bool) or not isinstance(retrieve_k, int) or retrieve_k < 1:
+        raise ValueError(f"retrieve_k must be a positive integer, got {retrieve_k!r}")
+    methods = _method_list(method)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        questions = load_questions(data, limit)
+    notes = [str(w.message) for w in caught]
+    for msg in notes:  # re-emit once for callers that watch warnings
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    sweeps = parse_sweep(sweep)
+    runs = plan_runs(methods, params, sweeps, baseline)
+
+    # The reader first: a wrong URL or missing weights must fail before minutes of indexing.
+    rdr = load_reader(reader, base_url=base_url, device=device, tokenizer=tokenizer,
+                      max_new_tokens=max_new_tokens)
+    rdr.check()
+    counter: TokenCounter = get_counter(rdr.tokenizer)
+    generates = not isinstance(rdr, NoReader)
+
+    if retriever is None:
+        from ragcomp.retrieval import CorpusRetriever
+
+        if isinstance(corpus, (str, Path)):
+            retriever = CorpusRetriever.for_corpus(corpus, embedder, index_dir, device, progress)
+        else:
+            retriever = CorpusRetriever.build(list(corpus), embedder, index_dir, device, progress)
+    corpus_name = str(corpus) if isinstance(corpus, (str, Path)) else f"{len(retriever)} passages"
+
+    missing = [
+        {"id": q.id, "titles": [t for t in q.titles if t not in retriever.by_id]}
+        for q in questions
+        if any(t not in retriever.by_id for t in q.titles)
+    ]
+    setup_s = time.perf_counter() - t_start
+
+    # Retrieve once per question, timed one query at a time (what a live system does).
+    t0 = time.perf_counter()
+    retrieved: list[list[Passage]] = []
+    retrieve_ms: list[float] = []
+    for q in _progress(questions, len(questions), "retrieve", progress):
+        t = time.perf_counter()
+        retrieved.append(retriever.retrieve(q.question, retrieve_k))
+        retrieve_ms.append((time.perf_counter() - t) * 1000)
+    retrieve_s = time.perf_counter() - t0
+
+    # What the uncompressed context holds, per question (the denominators of the recalls).
+    base = []
+    for q, ps in zip(questions, retrieved, strict=True):
+        ctx = SEPARATOR.join(p.text for p in ps)
+        ids = {p.id for p in ps}
+        base.append({
+            "context": ctx,
+            "tokens_in": counter.count(ctx),
+            "titles_found": [t in ids for t in q.titles],
+            "evidence_in_retrieved": evidence_present(ctx, q.evidence),
+            "answer_in_retrieved": contains_answer(ctx, q.answers),
+        })
+
+    rows = []
+    run_seconds = {}
+    for spec in runs:
+        t0 = time.perf_counter()
+        _cold_cache(retriever, questions)
+        comp = _build_compressor(spec, rdr.tokenizer, device)
+        per_q = []
+        for qi in _progress(range(len(questions)), len(questions), spec.label, progress):
+            per_q.append(_one(questions[qi], retrieved[qi], base[qi], retrieve_ms[qi], comp, rdr, counter,
+                              generates))
+        row = {"method": spec.method, "label": spec.label,
+               "params": {k: _jsonable(v) for k, v in spec.params.items()},
+               "sweep": None if spec.sweep is None else {"key": spec.sweep[0],
+                                                         "value": _jsonable(spec.sweep[1])},
+               **aggregate(per_q, generates), "per_question": per_q}
+        if comp is not None:
+            row["compressor"] = repr(comp)
+        rows.append(row)
+        run_seconds[spec.label] = time.perf_counter() - t0
+
+    rdr.close()
+    total_s = time.perf_counter() - t_start
+    from ragcomp import __version__
+
+    return {
+        "ragcomp_version": __version__,
+        "config": {
+            "data": str(data) if isinstance(data, (str, Path)) else "(in memory)",
+            "corpus": corpus_name,
+            "corpus_passages": len(retriever),
+            "retrieve_k": retrieve_k,
+            "embedder": embedder,
+            "reader": rdr.describe(),
+            "tokenizer": counter.name,
+            "device": device,
+            "limit": limit,
+            "methods": [r.label for r in runs],
+            "sweep": [{"key": k, "values": _jsonable(v)} for k, v in sweeps] or None,
+        },
+        "n_questions": len(questions),
+        "missing_titles": {"count": len(missing), "questions": missing},
+        "warnings": notes,
+        "index": {"loaded_from_disk": bool(getattr(retriever, "loaded_from_disk", False)),
+                  "build_seconds": round(float(getattr(retriever, "build_seconds", 0.0)), 3)},
+        "runs": rows,
+        "seconds": {"setup": round(setup_s, 3), "retrieve": round(retrieve_s, 3),
+                    "runs": {k: round(v, 3) for k, v in run_seconds.items()}, "total": round(total_s, 3)},
+    }
+
+
+def _cold_cache(retriever: Any, questions: list[Question]) -> None:
+    """Give every run the same cache state, so no row's latency rides on an earlier row's work:
+    the questions' embeddings are cached (retrieval just computed them, as in a live system),
+    passage and sentence embeddings are not. Compressors share this embedder by default."""
+    emb = getattr(retriever, "embedder", None)
+    if not isinstance(emb, CachedEmbedder) or not isinstance(emb.store, MemoryStore):
+        return  # a store the caller chose (disk, Redis) is theirs to keep
+    emb.store = MemoryStore(max_bytes=emb.store.max_bytes)
+    emb.embed([q.question for q in questions])
+
+
+def _method_list(method: str | Sequence[str]) -> list[str]:
+    items = [method] if isinstance(method, str) else list(method)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"method names must be str, got {type(item).__name__}")
+        out.extend(m.strip() for m in item.split(",") if m.strip())
+    return out
+
+
+def _one(
+    q: Question,
+    passages: list[Passage],
+    base: dict[str, Any],
+    retrieve_ms: float,
+    comp: Compressor | None,
+    reader: Reader,
+    counter: TokenCounter,
+    generates: bool,
+) -> dict[str, Any]:
+    """Compress, read and score one question."""
+    t = time.perf_counter()
+    if comp is None:
+        context, empty, kept = base["context"], False, [p.id for p in passages]
+    else:
+        res = comp.compress(q.question, passages)
+        context, empty, kept = res.context, res.empty, [c.passage.id for c in res.kept]
+    compress_ms = (time.perf_counter() - t) * 1000
+    tokens_out = counter.count(context) if context else 0
+
+    prediction, generate_ms = None, None
+    if generates:
+        t = time.perf_counter()
+        # Selective augmentation: an empty result means answer without context.
+        prediction = reader.answer(q.question, context if context and not empty else None)
+        generate_ms = (time.perf_counter() - t) * 1000
+
+    in_ctx = evidence_present(context, q.evidence)
+    ev_retr = base["evidence_in_retrieved"]
+    total_ms = retrieve_ms + compress_ms + (generate_ms or 0.0)
+    return {
+        "id": q.id,
+        "type": q.type,
+        "question": q.question,
+        "answers": q.answers,
+        "titles": q.titles,
+        "retrieved": [p.id for p in passages],
+        "kept": kept,
+        "titles_found": sum(base["titles_found"]),
+        "evidence": len(q.evidence),
+        "evidence_in_retrieved": sum(ev_retr),
+        # Only evidence that retrieval delivered can be kept; anything else is not the method's loss.
+        "evidence_kept": sum(a and b for a, b in zip(ev_retr, in_ctx, strict=True)),
+        "answer_in_retrieved": base["answer_in_retrieved"],
+        "answer_in_context": contains_answer(context, q.answers),
+        "tokens_in": base["tokens_in"],
+        "tokens_out": tokens_out,
+        "empty": bool(empty),
+        "prediction": prediction,
+        "em": exact_match(prediction, q.answers) if generates else None,
+        "f1": f1_score(prediction, q.answers) if generates else None,
+        "latency_ms": {"retrieve": _r(retrieve_ms), "compress": _r(compress_ms),
+                       "generate": _r(generate_ms), "total": _r(total_ms)},
+    }
+
+
+def aggregate(per_q: list[dict[str, Any]], generates: bool) -> dict[str, Any]:
+    """The report's metrics over per-question records (recalls are micro-averaged)."""
+    n = len(per_q)
+    tin = sum(r["tokens_in"] for r in per_q)
+    tout = sum(r["tokens_out"] for r in per_q)
+    titles = sum(len(r["titles"]) for r in per_q)
+    found = sum(r["titles_found"] for r in per_q)
+    ev_retr = sum(r["evidence_in_retrieved"] for r in per_q)
+    ev_kept = sum(r["evidence_kept"] for r in per_q)
+    ans_retr = [r for r in per_q if r["answer_in_retrieved"]]
+    ans_kept = sum(r["answer_in_context"] for r in ans_retr)
+    latency = {}
+    for stage in STAGES:
+        vals = [r["latency_ms"][stage] for r in per_q if r["latency_ms"][stage] is not None]
+        latency[stage] = {"p50": _r(percentile(vals, 50)), "p95": _r(percentile(vals, 95))}
+    return {
+        "n": n,
+        "tokens_in": tin,
+        "tokens_out": tout,
+        "compression_ratio": _r(ratio(tin, tout), 4),
+        "retrieval_recall": _r(ratio(found, titles), 4),
+        "evidence_recall": _r(ratio(ev_kept, ev_retr), 4),
+        "answer_kept": _r(ratio(ans_kept, len(ans_retr)), 4),
+        "em": _r(sum(r["em"] for r in per_q) / n, 4) if generates and n else None,
+        "f1": _r(sum(r["f1"] for r in per_q) / n, 4) if generates and n else None,
+        "empty_rate": _r(ratio(sum(r["empty"] for r in per_q), n), 4),
+        "latency_ms": latency,
+        "counts": {"titles": titles, "titles_found": found, "evidence": sum(r["evidence"] for r in per_q),
+                   "evidence_in_retrieved": ev_retr, "evidence_kept": ev_kept,
+                   "answer_in_retrieved": len(ans_retr), "answer_kept": ans_kept},
+    }
+
+
+def _r(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)

@@ -1,0 +1,427 @@
+"""`KVCache`: answer repeated questions over the same documents without prefilling them again.
+
+    kv = KVCache(model="smollm2-135m", store="disk:/tmp/kv")
+    ids = kv.add(passages)                       # encode each chunk once, after one shared prefix
+    ans = kv.generate("Who wrote X?", ids[:10])  # load, rotate into place, prefill the question only
+    ans.text, ans.stats.ttft, ans.stats.hits
+
+Prompt layout (token ids, concatenated; never re-tokenised as one string):
+
+    [chat head + system + instruction] [chunk 1] ... [chunk k] [question + chat tail]
+     shared prefix: encoded once          each encoded after the prefix only
+
+Chunk k's keys are rotated from the position it was encoded at to where it lands. What
+moving cannot restore is attention between chunks (each never saw the others); the
+`repair` option recomputes part of it (see `Repair`), off by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ragcomp.base import as_passages
+from ragcomp.kv.codec import ChunkKV
+from ragcomp.kv.engine import KVEngine, Repair
+from ragcomp.kv.fingerprint import entry_key, ids_hash
+from ragcomp.kv.tiers import _FAULTS, ReconnectingStore, TieredKV
+from ragcomp.kv.types import KVAnswer, KVStats
+from ragcomp.types import Passage
+
+log = logging.getLogger("ragcomp.kv")
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the documents."
+DEFAULT_INSTRUCTION = "Documents:\n\n"
+DEFAULT_QUESTION = "Question: {question}\nAnswer briefly."
+_SENTINEL = "\x00RAGCOMP_USER\x00"
+
+PassageOrId = Passage | str
+
+
+class KVCache:
+    """Precomputed document KV, kept in GPU / CPU tiers in front of a store, reused per question.
+
+    Args:
+        model: an offline alias ("smollm2-135m"), a hub id or local path, a
+            `ragcomp.models.CausalLM`, or a Hugging Face model (then pass `tokenizer`).
+        store: "memory", "disk:DIR", "redis://HOST:PORT/DB", or any `ByteStore`.
+        storage: how chunk KV is kept: "native" (model dtype), "bf16", "fp16", "fp8", "int8".
+        gpu_bytes, cpu_bytes: bounds of the two LRU tiers (the GPU tier exists on CUDA only).
+        repair: default repair for `generate`: None, "first:N" or "deviation:SHARE".
+        max_chunk_tokens: longer passages are split into several cached chunks.
+        verify: check each stored entry's checksum on read (always on for untrusted stores).
+    """
+
+    def __init__(
+        self,
+        model: Any = "smollm2-135m",
+        store: Any = "memory",
+        *,
+        tokenizer: Any = None,
+        device: str | None = None,
+        dtype: Any = None,
+        storage: str = "native",
+        gpu_bytes: int = 4 * 2**30,
+        cpu_bytes: int = 8 * 2**30,
+        repair: str | Repair | None = None,
+        system_prompt: str = DEFAULT_SYSTEM,
+        instruction: str = DEFAULT_INSTRUCTION,
+        doc_template: str = "{text}\n\n",
+        question_template: str = DEFAULT_QUESTION,
+        max_chunk_tokens: int = 512,
+        batch_size: int = 8,
+        namespace: str = "ragcomp:kv",
+        io_threads: int = 4,
+        retry_after: float = 5.0,
+        verify: bool = True,
+    ) -> None:
+        from ragcomp.stores import StoreError, open_store
+
+        self.lm_name, self.model, self.tokenizer, lock = _load(model, tokenizer, device, dtype)
+        self.engine = KVEngine(self.model, self.lm_name, storage=storage, lock=lock)
+        try:
+            self.store = open_store(store) if store is not None else None
+        except StoreError as e:
+            if not isinstance(store, str):
+                raise
+            # Answers must not depend on the store being up: start without it, retry later.
+            warnings.warn(f"KV store unavailable at start ({e}); answering by recomputing until it is back",
+                          RuntimeWarning, stacklevel=2)
+            self.store = ReconnectingStore(store)
+        self.tiers = TieredKV(self.store, self.engine.device, gpu_bytes, cpu_bytes, io_threads,
+                              retry_after, verify)
+        self.repair = Repair.parse(repair)
+        self.doc_template = doc_template
+        self.question_template = question_template
+        if max_chunk_tokens < 1:
+            raise ValueError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
+        self.max_chunk_tokens = max_chunk_tokens
+        self.batch_size = batch_size
+        self.namespace = namespace
+        head, self._tail = self._chat_parts(system_prompt)
+        self.prefix_ids = self._encode(head + instruction, special=not self._has_template)
+        self._prefix_hash = ids_hash(self.prefix_ids)
+        self._prefix: ChunkKV | None = None
+        self._index: dict[str, list[list[int]]] = {}
+        self._lock = threading.RLock()
+        stop = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        stops = [stop] if isinstance(stop, int) else list(stop or [])
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            stops.append(self.tokenizer.eos_token_id)
+        self.stop_ids = sorted(set(stops))
+
+    # -- prompt layout ---------------------------------------------------------------------
+    @property
+    def _has_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _chat_parts(self, system_prompt: str) -> tuple[str, str]:
+        """Text before and after the user message in the model's chat template."""
+        if not self._has_template:
+            return f"{system_prompt}\n\n", "\nAnswer:"
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": _SENTINEL}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head, _, tail = text.partition(_SENTINEL)
+        return head, tail
+
+    def _encode(self, text: str, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def question_ids(self, question: str) -> list[int]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        return self._encode(self.question_template.format(question=question) + self._tail)
+
+    def passage_chunks(self, passage: Passage) -> list[list[int]]:
+        """Token ids of a passage's chunks (split every max_chunk_tokens tokens)."""
+        text = self.doc_template.format(text=passage.text, id=passage.id,
+                                        title=passage.metadata.get("title", ""))
+        ids = self._encode(text)
+        step = self.max_chunk_tokens
+        return [ids[i : i + step] for i in range(0, len(ids), step)] or [[]]
+
+    def prompt_ids(self, question: str, passages_or_ids: Sequence[PassageOrId]) -> list[int]:
+        """The exact token ids both the cached and the full-prefill paths answer from."""
+        chunks = [c for cs in self._resolve(passages_or_ids) for c in cs]
+        return self.prefix_ids + [t for c in chunks for t in c] + self.question_ids(question)
+
+    # -- keys and the passage index --------------------------------------------------------
+    def _fp(self, ids: Sequence[int]) -> str:
+        return self.engine.fingerprint(self.prefix_ids, ids)
+
+    def _key(self, fp: str) -> str:
+        return entry_key(self.namespace, fp)
+
+    def _prefix_fp(self) -> str:
+        return self.engine.fingerprint([], self.prefix_ids, "native")
+
+    def _index_key(self, passage_id: str) -> str:
+        layout = json.dumps([self.engine.model_fp, self.doc_template, self.max_chunk_tokens])
+        digest = hashlib.blake2b(f"{layout}\x00{passage_id}".encode(), digest_size=16).hexdigest()
+        return f"{self.namespace}:idx:{digest}"
+
+    def _remember(self, records: Sequence[tuple[Passage, list[list[int]]]]) -> None:
+        """Passage id -> chunk token ids, here and in the store (so another process can ask by id)."""
+        with self._lock:
+            for p, chunks in records:
+                self._index[p.id] = chunks
+        if records and self.tiers.store_available():
+            entries = [(self._index_key(p.id), json.dumps({"id": p.id, "chunks": c}).encode())
+                       for p, c in records]
+            try:
+                self.store.set_many(entries)
+            except _FAULTS as e:
+                log.warning("could not record %d passage ids in the store: %s", len(entries), e)
+
+    def _lookup_id(self, passage_id: str) -> list[list[int]] | None:
+        with self._lock:
+            if passage_id in self._index:
+                return self._index[passage_id]
+        if not self.tiers.store_available():
+            return None
+        try:
+            raw = self.store.get(self._index_key(passage_id))
+        except _FAULTS:
+            return None
+        if raw is None:
+            return None
+        try:
+            rec = json.loads(raw)
+            chunks = [[int(t) for t in c] for c in rec["chunks"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if rec.get("id") != passage_id:
+            return None
+        with self._lock:
+            self._index[passage_id] = chunks
+        return chunks
+
+    def _resolve(self, items: Sequence[PassageOrId]) -> list[list[list[int]]]:
+        """Chunk token ids per item: Passages are tokenised, strings are ids added earlier.
+
+        A string that is not a known id is an error, not silently treated as text: pass
+        `Passage(id, text)` (or call `add`) for new text.
+        """
+        if isinstance(items, (str, Passage)):
+            raise TypeError("passages_or_ids must be a list of Passage or passage-id strings")
+        out = []
+        for item in items:
+            if isinstance(item, Passage):
+                out.append(self.passage_chunks(item))
+            elif isinstance(item, str):
+                chunks = self._lookup_id(item)
+                if chunks is None:
+                    raise KeyError(f"passage id {item!r} was never added to this cache; pass a Passage "
+                                   "with its text or call add() first")
+                out.append(chunks)
+            else:
+                raise TypeError(f"expected a Passage or a passage id, got {type(item).__name__}")
+        return out
+
+    # -- precompute ------------------------------------------------------------------------
+    def prefix_kv(self, stats: KVStats | None = None) -> ChunkKV:
+        """The shared prefix's KV (tiers -> store -> encode)."""
+        if self._prefix is not None:
+            return self._prefix
+        fp, key = self._prefix_fp(), self._key(self._prefix_fp())
+        found = self.tiers.lookup(key, fp, self.prefix_ids, stats)
+        chunk = found.result() if isinstance(found, Future) else found
+        if chunk is None:
+            chunk = self.engine.encode_prefix(self.prefix_ids)
+            self.tiers.put(key, chunk, keep=False, stats=stats)
+        self._prefix = chunk.to(self.engine.device) if chunk.device != self.engine.device else chunk
+        return self._prefix
+
+    def add(self, passages: Sequence[Passage | str], keep: bool = True) -> list[str]:
+        """Encode and store every chunk not cached yet; returns the passage ids.
+
+        Plain strings become Passages whose id is a hash of the text (stable across runs).
+        `keep=False` writes to the store only (for corpora larger than the CPU tier).
+        """
+        items = [p if isinstance(p, Passage) else Passage(_text_id(p), p) for p in passages]
+        as_passages(items)  # type checks
+        prefix = self.prefix_kv()
+        todo: dict[str, list[int]] = {}
+        listed = self.tiers.stored_keys(self.namespace + ":")  # one listing, not one read per key
+        records = [(p, self.passage_chunks(p)) for p in items]
+        self._remember(records)
+        for _, chunks in records:
+            for c in chunks:
+                key = self._key(self._fp(c))
+                if key in todo or key in self.tiers.cpu or key in self.tiers.gpu:
+                    continue
+                if (key not in listed) if listed is not None else not self.tiers.contains(key):
+                    todo[key] = c
+        keys = list(todo)
+        step = max(1, self.batch_size) * 4
+        for i in range(0, len(keys), step):
+            part = keys[i : i + step]
+            encoded = self.engine.encode_chunks(prefix, [todo[k] for k in part], self.batch_size)
+            self.tiers.put_many(list(zip(part, encoded, strict=True)), keep=keep)
+        return [p.id for p in items]
+
+    def prefetch(self, passages_or_ids: Sequence[PassageOrId]) -> list[Future]:
+        """Start loading these passages' KV from the store into the CPU tier (non-blocking)."""
+        chunks = [c for cs in self._resolve(passages_or_ids) for c in cs]
+        return self.tiers.prefetch([(self._key(self._fp(c)), self._fp(c), c) for c in chunks])
+
+    # -- answering -------------------------------------------------------------------------
+    def generate(self, question: str, passages_or_ids: Sequence[PassageOrId], max_new_tokens: int = 64,
+                 repair: str | Repair | bool | None = True) -> KVAnswer:
+        """Answer greedily from cached KV of the given passages (computing the missing ones).
+
+        `repair=True` uses the cache's default; None/"none" turns it off for this call.
+        """
+        t0 = time.perf_counter()
+        stats = KVStats()
+        rep = self.repair if repair is True else Repair.parse(repair or None)
+        chunk_ids = [c for cs in self._resolve(passages_or_ids) for c in cs]
+        prefix = self.prefix_kv(stats)
+        self._count_prefix(stats, prefix)
+        fps = [self._fp(c) for c in chunk_ids]
+        keys = [self._key(fp) for fp in fps]
+        # Store reads start now and run while the question is tokenised and earlier chunks rotate.
+        pending = [self.tiers.lookup(k, fp, c, stats) for k, fp, c in zip(keys, fps, chunk_ids, strict=True)]
+        q_ids = self.question_ids(question)
+        total = len(prefix) + sum(len(c) for c in chunk_ids)
+        self.engine.check_length(total + len(q_ids) + max_new_tokens)
+        stats.seconds_prepare = time.perf_counter() - t0
+        stats.context_tokens, stats.question_tokens = total, len(q_ids)
+        misses: list[tuple[str, ChunkKV]] = []
+
+        def fetch(i: int) -> ChunkKV:
+            t = time.perf_counter()
+            found = pending[i]
+            chunk = found.result() if isinstance(found, Future) else found
+            stats.seconds_load += time.perf_counter() - t
+            if chunk is None:
+                t = time.perf_counter()
+                chunk = self.engine.encode_chunks(prefix, [chunk_ids[i]], 1)[0]
+                stats.misses += 1
+                stats.seconds_compute_misses += time.perf_counter() - t
+                misses.append((keys[i], chunk))
+            return chunk
+
+        streamed = self.engine.device.type == "cuda" and rep is None
+        if streamed:
+            # GPU: host-to-GPU copies run layer group by layer group under the question's
+            # forward pass; rotation and copies are inside seconds_prefill_question.
+            chunks = [fetch(i) for i in range(len(chunk_ids))]
+            t = time.perf_counter()
+            asm, cache, logits = self.engine.prefill_streamed(prefix, chunks, q_ids)
+        else:
+            def getter(i: int) -> Any:
+                return lambda: self.tiers.to_gpu(keys[i], fetch(i))
+
+            def on_rotate(dt: float) -> None:
+                stats.seconds_rotate += dt
+
+            # Store reads of later chunks overlap rotating earlier ones.
+            asm = self.engine.assemble(prefix, [getter(i) for i in range(len(chunk_ids))],
+                                       [len(c) for c in chunk_ids], on_rotate)
+            if rep is not None:
+                t = time.perf_counter()
+                chosen = self.engine.select_for_repair(asm, rep)
+                self.engine.repair(asm, chosen)
+                stats.repaired_tokens = len(chosen)
+                stats.seconds_repair = time.perf_counter() - t
+            t = time.perf_counter()
+            cache = self.engine.make_cache(asm.keys, asm.values)
+            logits = self.engine.prefill(cache, q_ids, total)
+        int(logits.argmax())  # the first token exists once its logits are reduced (syncs a GPU)
+        stats.seconds_prefill_question = time.perf_counter() - t
+        stats.ttft = time.perf_counter() - t0
+        t = time.perf_counter()
+        out = self.engine.decode(cache, logits, total + len(q_ids), max_new_tokens, self.stop_ids)
+        stats.seconds_decode = time.perf_counter() - t
+        stats.new_tokens = len(out)
+        if misses:  # written after answering, so a slow store does not delay the answer
+            for key, chunk in misses:
+                self.tiers.put(key, chunk, stats=stats)
+        if streamed and self.tiers.gpu.max_bytes:
+            for key, chunk in zip(keys, chunks, strict=True):  # promote for the next question
+                self.tiers.to_gpu(key, chunk)
+        self._warn(stats)
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return KVAnswer(text, out, asm.ids + q_ids, stats)
+
+    def generate_full(self, question: str, passages_or_ids: Sequence[PassageOrId],
+                      max_new_tokens: int = 64) -> KVAnswer:
+        """The reference: a full prefill of the very same prompt ids (no cached KV)."""
+        t0 = time.perf_counter()
+        stats = KVStats()
+        ids = self.prompt_ids(question, passages_or_ids)
+        q_len = len(self.question_ids(question))
+        stats.context_tokens, stats.question_tokens = len(ids) - q_len, q_len
+        self.engine.check_length(len(ids) + max_new_tokens)
+        cache, logits = self.engine.full_prefill(ids)
+        int(logits.argmax())
+        stats.seconds_prefill_question = time.perf_counter() - t0
+        stats.ttft = time.perf_counter() - t0
+        t = time.perf_counter()
+        out = self.engine.decode(cache, logits, len(ids), max_new_tokens, self.stop_ids)
+        stats.seconds_decode = time.perf_counter() - t
+        stats.new_tokens = len(out)
+        return KVAnswer(self.tokenizer.decode(out, skip_special_tokens=True).strip(), out, ids, stats)
+
+    def _count_prefix(self, stats: KVStats, prefix: ChunkKV) -> None:
+        tier = "gpu" if prefix.device.type == "cuda" else "cpu"
+        stats.hits[tier] += 1
+        stats.bytes_loaded[tier] += prefix.nbytes
+
+    def _warn(self, stats: KVStats) -> None:
+        if stats.store_errors:
+            warnings.warn(
+                f"KV store unavailable ({self.tiers.last_store_error or 'skipped after a recent failure'}); "
+                f"recomputed {stats.misses} chunk(s) instead", RuntimeWarning, stacklevel=3)
+        if stats.corrupt_entries:
+            warnings.warn(f"dropped {stats.corrupt_entries} corrupt KV entr(y/ies) and recomputed them",
+                          RuntimeWarning, stacklevel=3)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def clear_tiers(self) -> None:
+        """Empty the GPU and CPU tiers (the store keeps its entries)."""
+        self.tiers.clear_tiers()
+
+    def close(self) -> None:
+        self.tiers.close()
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"KVCache(model={self.lm_name!r}, store={type(self.store).__name__}, "
+                f"storage={self.engine.storage!r}, repair={self.repair})")
+
+
+def _text_id(text: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"passages must be Passage or str, got {type(text).__name__}")
+    return "t" + hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def _load(model: Any, tokenizer: Any, device: str | None, dtype: Any) -> tuple[str, Any, Any, Any]:
+    """(name, hf_model, tokenizer, lock) from an alias/path/hub id, a CausalLM or a HF model."""
+    from ragcomp.models import CausalLM, load_causal_lm
+
+    if isinstance(model, str):
+        lm = load_causal_lm(model, device=device, dtype=dtype)
+        return lm.name, lm.model, lm.tokenizer, lm.lock
+    if isinstance(model, CausalLM):
+        return model.name, model.model, model.tokenizer, model.lock
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= together with a Hugging Face model object")
+    name = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    return str(name), model, tokenizer, threading.RLock()

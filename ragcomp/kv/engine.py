@@ -1,0 +1,581 @@
+"""Model-side KV work in token ids: encode, move (rotate), assemble, repair, prefill, decode.
+
+Works on any Hugging Face causal LM of the Llama / Qwen2 / Qwen3 / Mistral families with
+the transformers v5 `DynamicCache` (`ddp_cache_data` to build one, `layers[i].keys`
+to read it). Everything here is text-free; `ragcomp.kv.cache.KVCache` adds tokenizer,
+prompt layout, tiers and stores on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ragcomp._optional import require
+from ragcomp.kv.codec import ChunkKV, quantize
+from ragcomp.kv.fingerprint import chunk_fingerprint, ids_hash, model_fingerprint
+from ragcomp.kv.rope import rope_spec, rotation
+
+
+def _rotate_into(torch: Any, k: Any, cos: Any, sin: Any, out: Any) -> None:
+    """out = k rotated in the half-split layout: [x1 c - x2 s, x2 c + x1 s].
+
+    Math in float32 (bf16/fp16 inputs are widened exactly inside each op, fp32 `cos`/`sin`
+    promote them), one rounding when the result is stored in `out`'s dtype.
+    """
+    h = k.shape[-1] // 2
+    k1, k2 = k[..., :h], k[..., h:]
+    torch.addcmul(k1 * cos, k2, sin, value=-1.0, out=out[..., :h])
+    torch.addcmul(k2 * cos, k1, sin, out=out[..., h:])
+
+
+def _waiter(event: Any) -> Callable[..., None]:
+    def wait(*_: Any) -> None:
+        # The layer's kernels go on the current stream; they start once its KV group is in place.
+        event.wait()
+
+    return wait
+
+
+def _on(torch: Any, stream: Any) -> Any:
+    """`torch.cuda.stream(stream)`, or nothing on a CPU."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _record(torch: Any, stream: Any) -> Any:
+    if stream is None:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook to end a forward pass early (after the layers we need)."""
+
+
+@dataclass
+class Repair:
+    """How to repair attention between independently encoded chunks.
+
+    mode "first": recompute the first `tokens` tokens of every chunk after the first
+    (their keys then see the chunks before them). mode "deviation" (CacheBlend-style):
+    recompute layer 0-1 for the whole context, and fully recompute the `share` of chunk
+    tokens whose layer-1 keys deviate most from the cached ones.
+    """
+
+    mode: str
+    tokens: int = 16
+    share: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("first", "deviation"):
+            raise ValueError(f"repair mode must be 'first' or 'deviation', got {self.mode!r}")
+        if self.tokens < 0 or not 0.0 <= self.share <= 1.0:
+            raise ValueError("repair tokens must be >= 0 and share within [0, 1]")
+
+    @classmethod
+    def parse(cls, spec: str | Repair | None) -> Repair | None:
+        """None, a Repair, or text: 'none', 'first:16', 'deviation:0.15'."""
+        if spec is None or isinstance(spec, Repair):
+            return spec
+        spec = spec.strip().lower()
+        if spec in ("", "none", "off"):
+            return None
+        mode, _, arg = spec.partition(":")
+        if mode == "first":
+            return cls("first", tokens=int(arg or 16))
+        if mode in ("deviation", "blend", "cacheblend"):
+            return cls("deviation", share=float(arg or 0.15))
+        raise ValueError(f"unknown repair {spec!r}: use 'none', 'first:N' or 'deviation:SHARE'")
+
+    def __str__(self) -> str:
+        return f"first:{self.tokens}" if self.mode == "first" else f"deviation:{self.share:g}"
+
+
+@dataclass
+class Assembled:
+    """Context KV laid out for one prompt: buffers [layers, heads, tokens, dim] and token ids."""
+
+    keys: Any
+    values: Any
+    ids: list[int]
+    spans: list[tuple[int, int]]  # (start, end) of each chunk; the prefix is spans[0]
+
+
+class KVEngine:
+    """Encode and reuse chunk KV for one loaded model (thread-safe through `lock`)."""
+
+    def __init__(self, model: Any, name: str, storage: str = "native", lock: Any = None) -> None:
+        self.torch = require("torch", "models")
+        self.model = model
+        cfg = model.config
+        self.config = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        self.rope = rope_spec(model)  # refuses RoPE that cannot be moved exactly
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.num_layers = int(self.config.num_hidden_layers)
+        heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        self.kv_heads = int(heads)
+        self.head_dim = self.rope.head_dim
+        self.storage = storage
+        quantize(self.torch.zeros(1, 1, 1, 2), self.torch.zeros(1, 1, 1, 2), storage)  # validates the name
+        self.model_fp, self.model_desc = model_fingerprint(model, name, self.rope)
+        self.inv_freq = self.rope.inv_freq.to(self.device)
+        self.lock = lock if lock is not None else threading.RLock()
+        window = getattr(self.config, "sliding_window", None)
+        uses_window = getattr(self.config, "use_sliding_window", True)
+        self.window = int(window) if window and uses_window else None
+        self.attn_impl = getattr(self.config, "_attn_implementation", "sdpa") or "sdpa"
+
+    # -- fingerprints ----------------------------------------------------------------------
+    def fingerprint(self, prefix_ids: Sequence[int], ids: Sequence[int], storage: str | None = None) -> str:
+        prefix_hash = ids_hash(list(prefix_ids))
+        return chunk_fingerprint(self.model_fp, storage or self.storage, prefix_hash, list(ids))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def check_length(self, total: int) -> None:
+        if self.window is not None and total > self.window:
+            raise ValueError(
+                f"context of {total} tokens exceeds the model's sliding window ({self.window}); "
+                "reused chunk KV assumes full attention"
+            )
+
+    # -- caches ----------------------------------------------------------------------------
+    def make_cache(self, keys: Any = None, values: Any = None, batch: int = 1) -> Any:
+        """A DynamicCache over [layers, heads, tokens, dim] buffers, without copying them."""
+        transformers = require("transformers", "models")
+        cache = transformers.DynamicCache()
+        if keys is not None:
+            for i in range(self.num_layers):
+                self.adopt(cache, i, keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
+                           values[i].unsqueeze(0).expand(batch, -1, -1, -1))
+        return cache
+
+    def adopt(self, cache: Any, layer: int, k: Any, v: Any) -> None:
+        """Make `k`/`v` [batch, heads, tokens, dim] layer `layer` of `cache` without a copy.
+
+        `DynamicCache.update` would concatenate, i.e. copy the whole context once more
+        (gigabytes at 16k tokens of an 8B model). An empty update creates and initialises
+        the layer the supported way; the tensors are then handed over. Where a transformers
+        version lays its layers out differently, this falls back to `update` (a copy).
+        """
+        cache.update(k[:, :, :0], v[:, :, :0], layer)
+        lay = cache.layers[layer] if hasattr(cache, "layers") else None
+        if lay is not None and getattr(lay, "keys", None) is not None and lay.keys.shape[-2] == 0:
+            lay.keys, lay.values = k, v
+            if cache.get_seq_length(layer) == k.shape[-2]:
+                return
+        cache.update(k, v, layer)
+
+    def _stack(self, cache: Any, row: int, start: int, end: int) -> tuple[Any, Any]:
+        k = self.torch.stack([cache.layers[i].keys[row, :, start:end] for i in range(self.num_layers)])
+        v = self.torch.stack([cache.layers[i].values[row, :, start:end] for i in range(self.num_layers)])
+        return k.contiguous(), v.contiguous()
+
+    def _positions(self, start: int, n: int, batch: int = 1) -> Any:
+        pos = self.torch.arange(start, start + n, device=self.device)
+        return pos.unsqueeze(0).expand(batch, -1)
+
+    # -- encoding --------------------------------------------------------------------------
+    def encode_prefix(self, ids: Sequence[int]) -> ChunkKV:
+        """The shared prefix, encoded from position 0 and kept at native precision."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("the shared prefix must have at least one token")
+        torch = self.torch
+        with self.lock, torch.inference_mode():
+            cache = self.make_cache()
+            self.decoder(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+                         position_ids=self._positions(0, len(ids)), use_cache=True)
+            k, v = self._stack(cache, 0, 0, len(ids))
+        return ChunkKV(ids, k, v, 0, self.fingerprint([], ids, "native"), "native")
+
+    def encode_chunks(self, prefix: ChunkKV, chunks: Sequence[Sequence[int]], batch_size: int = 8,
+                      start: int | None = None) -> list[ChunkKV]:
+        """Each chunk encoded after the prefix (never after another chunk), in batches.
+
+        `start` places the chunks at another position than right after the prefix (tests
+        use it to encode a chunk directly where a moved one will land).
+        """
+        torch = self.torch
+        plen = len(prefix)
+        base = plen if start is None else int(start)
+        out: list[ChunkKV | None] = [None] * len(chunks)
+        # Similar lengths share a batch, so padding stays small.
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
+        pk, pv = prefix.dequantized(self.dtype)
+        pk, pv = pk.to(self.device), pv.to(self.device)
+        pad = int(getattr(self.config, "pad_token_id", None) or 0)
+        with self.lock, torch.inference_mode():
+            for b0 in range(0, len(order), max(1, batch_size)):
+                rows = order[b0 : b0 + max(1, batch_size)]
+                lens = [len(chunks[i]) for i in rows]
+                if min(lens) == 0:
+                    raise ValueError("cannot encode an empty chunk")
+                width = max(lens)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+                mask = torch.zeros((len(rows), plen + width), dtype=torch.long, device=self.device)
+                mask[:, :plen] = 1
+                for r, i in enumerate(rows):
+                    ids[r, : lens[r]] = torch.tensor(list(chunks[i]), device=self.device)
+                    mask[r, plen : plen + lens[r]] = 1
+                cache = self.make_cache(pk, pv, batch=len(rows))
+                # Right padding: real tokens never attend to pads; one row needs no mask at all.
+                self.decoder(input_ids=ids, attention_mask=None if len(rows) == 1 else mask,
+                             position_ids=self._positions(base, width, len(rows)),
+                             past_key_values=cache, use_cache=True)
+                for r, i in enumerate(rows):
+                    k, v = self._stack(cache, r, plen, plen + lens[r])
+                    qk, qv, ks, vs = quantize(k, v, self.storage)
+                    fp = chunk_fingerprint(self.model_fp, self.storage, ids_hash(prefix.ids), list(chunks[i]))
+                    out[i] = ChunkKV(list(chunks[i]), qk, qv, base, fp, self.storage, ks, vs)
+        return [c for c in out if c is not None]
+
+    # -- assembling ------------------------------------------------------------------------
+    def new_buffers(self, total: int) -> tuple[Any, Any]:
+        shape = (self.num_layers, self.kv_heads, total, self.head_dim)
+        return (self.torch.empty(shape, dtype=self.dtype, device=self.device),
+                self.torch.empty(shape, dtype=self.dtype, device=self.device))
+
+    def place(self, keys: Any, values: Any, chunk: ChunkKV, start: int) -> None:
+        """Write `chunk` into the buffers at `start`, keys rotated from chunk.base (fp32 math)."""
+        torch = self.torch
+        n = len(chunk)
+        if chunk.device != self.device:
+            chunk = chunk.to(self.device, non_blocking=True)
+        k_out, v_out = keys[:, :, start : start + n], values[:, :, start : start + n]
+        k = chunk.keys
+        if chunk.k_scale is not None:
+            k = k.to(torch.float32) * chunk.k_scale
+        delta = start - chunk.base
+        if delta == 0:
+            k_out.copy_(k)
+        else:
+            cos, sin = rotation(self.inv_freq, delta, self.device)
+            h = self.head_dim // 2
+            _rotate_into(torch, k, cos[:h], sin[:h], k_out)
+        if chunk.v_scale is not None:
+            v_out.copy_(chunk.values.to(torch.float32) * chunk.v_scale)
+        else:
+            v_out.copy_(chunk.values)
+
+    def assemble(self, prefix: ChunkKV, chunks: Sequence[ChunkKV | Callable[[], ChunkKV]],
+                 lengths: Sequence[int] | None = None,
+                 on_rotate: Callable[[float], None] | None = None) -> Assembled:
+        """Prefix + chunks laid end to end. Items may be callables returning the chunk, so
+        loading the next chunk overlaps rotating this one; `lengths` then sizes the buffers."""
+        if lengths is None:
+            lengths = [len(c) for c in chunks]  # type: ignore[arg-type]
+        total = len(prefix) + sum(lengths)
+        keys, values = self.new_buffers(total)
+        with self.torch.inference_mode():
+            self.place(keys, values, prefix, 0)
+            ids = list(prefix.ids)
+            spans = [(0, len(prefix))]
+            pos = len(prefix)
+            for item, n in zip(chunks, lengths, strict=True):
+                chunk = item() if callable(item) else item
+                if len(chunk) != n:
+                    raise ValueError(f"chunk has {len(chunk)} tokens, expected {n}")
+                t0 = time.perf_counter()
+                self.place(keys, values, chunk, pos)
+                if on_rotate is not None:
+                    on_rotate(time.perf_counter() - t0)
+                ids.extend(chunk.ids)
+                spans.append((pos, pos + n))
+                pos += n
+        return Assembled(keys, values, ids, spans)
+
+    # -- streamed assembly (GPU): copies overlap the question's forward pass ---------------
+    def prefill_streamed(self, prefix: ChunkKV, chunks: Sequence[ChunkKV], q_ids: Sequence[int],
+                         groups: int = 8, timings: dict[str, float] | None = None
+                         ) -> tuple[Assembled, Any, Any]:
+        """Assemble and prefill the question in one go: (assembled, cache, next-token logits).
+
+        Layers are split into `groups`. A copy stream moves every chunk's slice of a group's
+        layers into a staging buffer (host-to-GPU from pinned memory, or GPU-to-GPU); a
+        compute stream then gathers the group into token order, rotates its keys, fills the
+        cache's layers and records an event; the question's forward pass waits on that event
+        just before the group's first layer. So the copy engine moves group g+1 while group
+        g is rotated and while the question runs through earlier layers. The arithmetic is
+        the same as `assemble` + `prefill`, operation for operation. On a CPU the same steps
+        simply run in order.
+        """
+        torch = self.torch
+        t_start = time.perf_counter()
+        n_layers = self.num_layers
+        lens = [len(c) for c in chunks]
+        plen, tc = len(prefix), sum(lens)
+        total = plen + tc
+        keys, values = self.new_buffers(total)
+        ids = list(prefix.ids)
+        spans = [(0, plen)]
+        pos = plen
+        # Per context token: rotation delta, first token of its chunk, index within, chunk length.
+        per_token = np.zeros((4, tc), dtype=np.float64)
+        t = 0
+        for c, n in zip(chunks, lens, strict=True):
+            ids.extend(c.ids)
+            spans.append((pos, pos + n))
+            per_token[:, t : t + n] = [[pos - c.base], [t], [0], [n]]
+            per_token[2, t : t + n] = np.arange(n)
+            t += n
+            pos += n
+        asm = Assembled(keys, values, ids, spans)
+        size = -(-n_layers // max(1, groups))
+        bounds = [(a, min(a + size, n_layers)) for a in range(0, n_layers, size)]
+        cuda = self.device.type == "cuda"
+        copy_s, comp_s = self._side_streams() if cuda else (None, None)
+        main = torch.cuda.current_stream(self.device) if cuda else None
+        events: list[Any] = []
+        cache = self.make_cache()
+        quant = any(c.k_scale is not None for c in chunks)
+        with torch.inference_mode():
+            if cuda:
+                copy_s.wait_stream(main)  # the buffers above were allocated on the main stream
+                comp_s.wait_stream(main)
+            rows: dict[int, Any] = {}
+            cos = sin = None
+            with _on(torch, comp_s):
+                if tc:
+                    # One small pinned upload; a pageable one would block the host until the
+                    # stream reached it, stalling everything queued after it.
+                    host = torch.from_numpy(per_token)
+                    table = host.pin_memory().to(self.device, non_blocking=True) if cuda else host
+                    ang = table[0][:, None] * self.inv_freq.to(torch.float64)[None, :]
+                    cos, sin = ang.cos().float(), ang.sin().float()  # [tokens, dim / 2], as `rotation`
+                    start, local, length = table[1].long(), table[2].long(), table[3].long()
+                    heads = self.kv_heads
+                    for a, b in bounds:
+                        g = b - a
+                        if g not in rows:
+                            # Staging holds chunk after chunk, each [g, 2, heads, n, dim]: the
+                            # row (of `dim` values) of key (layer l, head h, token t of chunk i)
+                            # is 2*g*heads*start_i + (2*heads*l + h)*n_i + t; its value is
+                            # heads*n_i rows further.
+                            gl = torch.arange(g, device=self.device)[:, None] * (2 * heads)
+                            gh = (gl + torch.arange(heads, device=self.device)[None, :]).reshape(-1, 1)
+                            rk = (2 * g * heads * start + local + gh * length).reshape(-1)
+                            rows[g] = (rk, rk + (heads * length).repeat(g * heads))
+            # Each chunk's tensors cut into per-group flat views once (not once per group).
+            src = [self._group_views(c, bounds) for c in chunks]
+            for gi, (a, b) in enumerate(bounds):
+                g = b - a
+                staged, copied = None, None
+                if tc:
+                    with _on(torch, copy_s):
+                        staged = self._copy_group(src, lens, gi, g, quant)
+                        copied = _record(torch, copy_s)
+                with _on(torch, comp_s):
+                    if copied is not None:
+                        comp_s.wait_event(copied)
+                    keys[a:b, :, :plen].copy_(prefix.keys[a:b])
+                    values[a:b, :, :plen].copy_(prefix.values[a:b])
+                    if tc:
+                        for t in staged:
+                            if t is not None and cuda:
+                                t.record_stream(comp_s)
+                        self._rotate_group(staged, rows[g], g, tc, cos, sin,
+                                           keys[a:b, :, plen:], values[a:b, :, plen:])
+                    for layer in range(a, b):
+                        self.adopt(cache, layer, keys[layer][None], values[layer][None])
+                        lay = cache.layers[layer]
+                        if cuda and lay.keys.data_ptr() != keys[layer].data_ptr():
+                            # adopt fell back to a copy made here: the main stream reads it next,
+                            # so the allocator must not recycle it for side-stream work early.
+                            lay.keys.record_stream(main)
+                            lay.values.record_stream(main)
+                    if cuda:
+                        events.append(_record(torch, comp_s))
+        if timings is not None:
+            timings["enqueue"] = time.perf_counter() - t_start
+        hooks = [self.decoder.layers[a].register_forward_pre_hook(_waiter(ev))
+                 for (a, _), ev in zip(bounds, events, strict=False)]  # no events on a CPU
+        try:
+            logits = self.prefill(cache, q_ids, total)
+        finally:
+            for h in hooks:
+                h.remove()
+        if timings is not None:
+            timings["forward_enqueued"] = time.perf_counter() - t_start
+        return asm, cache, logits
+
+    def _side_streams(self) -> tuple[Any, Any]:
+        if getattr(self, "_streams", None) is None:
+            self._streams = (self.torch.cuda.Stream(self.device), self.torch.cuda.Stream(self.device))
+        return self._streams
+
+    @staticmethod
+    def _group_views(c: ChunkKV, bounds: list[tuple[int, int]]) -> list[Any]:
+        """Per layer group, flat contiguous views of the chunk's [g, 2, heads, n, dim] data
+        (and scales): one view each when the chunk is packed, else (keys, values) pairs."""
+        out = []
+        for buf, k, v in ((c.packed, c.keys, c.values), (c.packed_scale, c.k_scale, c.v_scale)):
+            if buf is not None:
+                per_layer = buf[0].numel()
+                out.append(list(buf.view(-1).split([(b - a) * per_layer for a, b in bounds])))
+            elif k is not None:
+                out.append([(k[a:b], v[a:b]) for a, b in bounds])
+            else:
+                out.append([None] * len(bounds))
+        return out
+
+    def _copy_group(self, src: list[list[Any]], lens: list[int], gi: int, g: int,
+                    quant: bool) -> list[Any]:
+        """Staging of one layer group: chunk after chunk, each [g, 2, heads, n_i, dim]."""
+        torch = self.torch
+        heads, dim, tc = self.kv_heads, self.head_dim, sum(lens)
+        out = []
+        for j, width in enumerate((dim, 1)):
+            if j == 1 and not quant:
+                out.append(None)
+                continue
+            first = src[0][j][gi]
+            dtype = (first if not isinstance(first, tuple) else first[0]).dtype
+            stage = torch.empty(2 * g * heads * tc * width, dtype=dtype, device=self.device)
+            parts = stage.split([2 * g * heads * n * width for n in lens])
+            for part, views, n in zip(parts, src, lens, strict=True):
+                view = views[j][gi]
+                if isinstance(view, tuple):  # not packed: keys and values separately
+                    block = part.view(g, 2, heads, n, width)
+                    block[:, 0].copy_(view[0], non_blocking=True)
+                    block[:, 1].copy_(view[1], non_blocking=True)
+                else:
+                    if view.dtype != dtype:
+                        raise ValueError("chunks of one prompt must share a storage dtype")
+                    part.copy_(view, non_blocking=True)
+            out.append(stage)
+        return out
+
+    def _rotate_group(self, staged: list[Any], rows: tuple[Any, Any], g: int, tc: int, cos: Any, sin: Any,
+                      k_out: Any, v_out: Any) -> None:
+        torch = self.torch
+        heads, dim = self.kv_heads, self.head_dim
+        stage, stage_s = staged
+        rk, rv = rows
+        flat = stage.view(-1, dim)
+        k = flat.index_select(0, rk).view(g, heads, tc, dim)
+        v = flat.index_select(0, rv).view(g, heads, tc, dim)
+        if stage_s is not None:
+            k = k.to(torch.float32) * stage_s.index_select(0, rk).view(g, heads, tc, 1)
+            v = v.to(torch.float32) * stage_s.index_select(0, rv).view(g, heads, tc, 1)
+        # The same arithmetic as `place`, so both paths give identical bits.
+        _rotate_into(torch, k, cos, sin, k_out)
+        v_out.copy_(v)
+
+    # -- repair ----------------------------------------------------------------------------
+    def select_for_repair(self, asm: Assembled, repair: Repair) -> list[int]:
+        """Positions to recompute. The prefix and the first chunk are already exact."""
+        torch = self.torch
+        candidates = [p for s, e in asm.spans[2:] for p in range(s, e)]
+        if not candidates:
+            return []
+        if repair.mode == "first":
+            return [p for s, e in asm.spans[2:] for p in range(s, min(e, s + repair.tokens))]
+        n = round(repair.share * len(candidates))
+        if n == 0:
+            return []
+        if self.num_layers < 2:
+            return candidates[:n]
+        # Layer-1 keys with full attention: embed + two layers over the whole context, then stop.
+        cache = self.make_cache()
+
+        def stop(*_: Any) -> None:
+            raise _StopForward
+
+        handle = self.decoder.layers[1].register_forward_hook(stop)
+        try:
+            with self.lock, torch.inference_mode():
+                self.decoder(input_ids=torch.tensor([asm.ids], device=self.device), past_key_values=cache,
+                             position_ids=self._positions(0, len(asm.ids)), use_cache=True)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        fresh = cache.layers[1].keys[0].to(torch.float32)  # [heads, tokens, dim]
+        cand = torch.tensor(candidates, device=self.device)
+        dev = (fresh[:, cand] - asm.keys[1][:, cand].to(torch.float32)).norm(dim=-1).sum(0)
+        top = torch.topk(dev, n).indices
+        return sorted(cand[top].tolist())
+
+    def repair(self, asm: Assembled, positions: Sequence[int]) -> None:
+        """Recompute KV at `positions` in one forward pass, in place.
+
+        The selected tokens are appended after the context with their own positions and a
+        4-D mask: each attends to the cached tokens before it that are not selected, and to
+        the selected tokens at or before it (CacheBlend's partial recompute). Their fresh
+        keys and values then overwrite the cached ones.
+        """
+        if not positions:
+            return
+        torch = self.torch
+        if self.attn_impl.startswith("flash"):
+            raise ValueError("repair needs an attention implementation with custom masks (sdpa or eager)")
+        total = len(asm.ids)
+        sel = torch.tensor(sorted(positions), device=self.device)
+        chosen = torch.zeros(total, dtype=torch.bool, device=self.device)
+        chosen[sel] = True
+        cols = torch.arange(total, device=self.device)
+        old = (cols[None, :] <= sel[:, None]) & ~chosen[None, :]
+        new = sel[None, :] <= sel[:, None]
+        allowed = torch.cat([old, new], dim=1)[None, None]
+        if self.attn_impl == "eager":
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        else:
+            mask = allowed
+        ids = torch.tensor(asm.ids, device=self.device)[sel][None]
+        with self.lock, torch.inference_mode():
+            cache = self.make_cache(asm.keys, asm.values)
+            self.decoder(input_ids=ids, position_ids=sel[None], attention_mask=mask,
+                         past_key_values=cache, use_cache=True)
+            for i in range(self.num_layers):
+                asm.keys[i][:, sel] = cache.layers[i].keys[0, :, total:]
+                asm.values[i][:, sel] = cache.layers[i].values[0, :, total:]
+
+    # -- generation ------------------------------------------------------------------------
+    def _next_logits(self, cache: Any, ids: Sequence[int], start: int) -> Any:
+        torch = self.torch
+        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=cache,
+                         position_ids=self._positions(start, len(ids)), use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def prefill(self, cache: Any, ids: Sequence[int], start: int) -> Any:
+        """Next-token logits (float32) after feeding `ids` at positions start.. onto `cache`."""
+        with self.lock, self.torch.inference_mode():
+            return self._next_logits(cache, ids, start).float()
+
+    def decode(self, cache: Any, first_logits: Any, start: int, max_new_tokens: int,
+               stop_ids: Sequence[int]) -> list[int]:
+        """Greedy tokens after the prefill (`start`: position of the first new token)."""
+        stops = set(stop_ids)
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        tok = int(first_logits.argmax())
+        with self.lock, self.torch.inference_mode():
+            while True:
+                if tok in stops:
+                    break
+                out.append(tok)
+                if len(out) >= max_new_tokens:
+                    break
+                tok = int(self._next_logits(cache, [tok], start).argmax())
+                start += 1
+        return out
+
+    def full_prefill(self, ids: Sequence[int]) -> tuple[Any, Any]:
+        """(cache, next-token logits) of a plain prefill of `ids` from position 0."""
+        cache = self.make_cache()
+        return cache, self.prefill(cache, ids, 0)
