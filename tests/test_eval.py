@@ -185,11 +185,13 @@ def test_dev_set_loads_cleanly() -> None:
 
 def test_plan_runs_routes_params_and_sweeps() -> None:
     runs = plan_runs(["rerank", "recomp-extractive"], {"rerank.top_n": 3, "threshold": 0.1}, None, True)
-    assert [r.label for r in runs] == ["none (uncompressed)", "rerank", "recomp-extractive"]
+    assert [r.label for r in runs] == ["none (uncompressed)", "rerank top_n=3 threshold=0.1",
+                                       "recomp-extractive threshold=0.1"]
     assert runs[1].params == {"top_n": 3, "threshold": 0.1}
     assert runs[2].params == {"threshold": 0.1}
     runs = plan_runs(["rerank", "recomp-extractive"], {"top_n": 2}, ("top_k", [1, 4]), False)
-    assert [r.label for r in runs] == ["rerank", "recomp-extractive top_k=1", "recomp-extractive top_k=4"]
+    assert [r.label for r in runs] == ["rerank top_n=2", "recomp-extractive top_k=1",
+                                       "recomp-extractive top_k=4"]
     assert runs[2].params == {"top_k": 4}
     # One sweep per method, each routed by its prefix; values parsed like --param.
     runs = plan_runs(["rerank", "recomp-extractive"], {"threshold": None},
@@ -214,6 +216,22 @@ def test_plan_runs_routes_params_and_sweeps() -> None:
         plan_runs(["rerankk"])
     with pytest.raises(ValueError, match="no method"):
         plan_runs([], baseline=False)
+
+
+def test_every_run_starts_from_the_same_cache() -> None:
+    from ragcomp.eval import Question
+    from ragcomp.eval.runner import _cold_cache
+    from ragcomp.retrieval import CorpusRetriever
+
+    r = CorpusRetriever.build([Passage("a", "Alpha text."), Passage("b", "Beta text.")], device="cpu",
+                              progress=False)
+    qs = [Question("1", "first question?", ["x"]), Question("2", "second question?", ["y"])]
+    r.embedder.embed(["a sentence some earlier run embedded", "another one"])
+    _cold_cache(r, qs)
+    assert len(r.embedder.store) == 2  # exactly the two questions
+    hits = r.embedder.hits
+    r.embedder.embed(["first question?"])
+    assert r.embedder.hits == hits + 1
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -264,7 +282,8 @@ def test_evaluate_end_to_end(corpus_file: Path, qa_file: Path, index_dir: Path, 
                                                                    "titles": ["Atlantis (fictional)"]}]}
     assert report["config"]["tokenizer"] == "cl100k_base"
     base, rerank, recomp = report["runs"]
-    assert [r["label"] for r in report["runs"]] == ["none (uncompressed)", "rerank", "recomp-extractive"]
+    labels = [r["label"] for r in report["runs"]]
+    assert labels == ["none (uncompressed)", "rerank top_n=2", "recomp-extractive"]
     # One retrieval shared by every row.
     for r in (rerank, recomp):
         assert [q["retrieved"] for q in r["per_question"]] == [q["retrieved"] for q in base["per_question"]]

@@ -18,13 +18,25 @@ from ragcomp.types import Passage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On shared 2-core machines two OpenMP threads stall on each other's barriers when
+    # another process holds a core: small forward passes ran ~20x slower than on one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 PASSAGES = [
     Passage("eiffel", "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889."),
     Passage("nile", "The Nile is a major north-flowing river in Africa. It flows into the Mediterranean."),
     Passage("everest", "Mount Everest is the highest mountain above sea level, in the Himalayas of Nepal."),
 ]
 QUESTION = "When was the Eiffel Tower completed?"
-NEW = 4
+NEW = 3
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +192,7 @@ def test_redis_tier_and_redis_side_corruption(lm, redis_url: str) -> None:
     kv.clear_tiers()
     ans = kv.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW)
     assert ans.stats.hits["store"] == 3
-    full = kv.generate_full(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW)
-    assert ans.prompt_ids == full.prompt_ids
+    assert ans.prompt_ids == kv.prompt_ids(QUESTION, ["eiffel", "nile", "everest"])
     # damage the bytes inside Redis behind the store's back: its checksum catches it
     key = kv._key(kv._fp(kv.passage_chunks(PASSAGES[0])[0]))
     raw = redis.Redis.from_url(redis_url)

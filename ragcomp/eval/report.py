@@ -107,7 +107,8 @@ def markdown(report: dict[str, Any]) -> str:
         "evidence recall = gold evidence sentences kept verbatim, of those the top-k held; answer kept = "
         "questions whose answer is still in the context, of those whose top-k held it; EM/F1 = SQuAD-style, "
         "best over aliases; empty = the method judged nothing relevant (answered without context); "
-        "latencies per question.",
+        "latencies per question, each row starting from the same embedding cache (questions cached by "
+        "retrieval, passages and sentences not).",
         "",
     ]
     return "\n".join(parts)
@@ -120,21 +121,23 @@ _COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#d
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """Compression (x, log scale) against answers kept in the context and, with a reader,
-    exact match (or evidence recall without one). One colour per method; a sweep is a line
-    through its values, each point labelled; the baseline is a dashed reference."""
+    exact match and F1 (evidence recall without one). One colour per method; a sweep is a
+    line through its values; every point is labelled (sweep value, tokens per question) with
+    labels placed so they do not overlap; the uncompressed baseline is a star and a dashed line."""
     mpl = require("matplotlib", "plot")
     mpl.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MultipleLocator, NullLocator
 
     runs = report["runs"]
     has_reader = any(r["em"] is not None for r in runs)
-    panels = [("answer_kept", "answers still in the context", "of questions whose top-k held the answer")]
+    panels = [("answer_kept", "Answer still in the context", "of questions whose top-k held the answer")]
     if has_reader:
-        panels.append(("em", "exact match of the reader", f"reader {report['config']['reader']['name']}"))
-        panels.append(("f1", "token F1 of the reader", "SQuAD-style, best over aliases"))
+        reader = report["config"]["reader"]["name"]
+        panels.append(("em", "Exact match", f"reader {reader}, SQuAD-style, best over aliases"))
+        panels.append(("f1", "Token F1", f"reader {reader}, SQuAD-style, best over aliases"))
     else:
-        panels.append(("evidence_recall", "gold evidence sentences kept",
+        panels.append(("evidence_recall", "Gold evidence sentences kept",
                        "of those the top-k held, verbatim"))
 
     methods = list(dict.fromkeys(r["method"] for r in runs))
@@ -142,58 +145,131 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     xs_all = [r["compression_ratio"] for r in runs if r["compression_ratio"]]
     xmax = max([*xs_all, 2.0])
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.9), squeeze=False)
+    labels_per_ax = []
     for ax, (key, title, subtitle) in zip(axes[0], panels, strict=True):
+        labels = []
+        ys_all = []
         for m in methods:
-            pts = [(r["compression_ratio"], r[key], r) for r in runs
+            pts = [(r["compression_ratio"], 100 * r[key], r) for r in runs
                    if r["method"] == m and r["compression_ratio"] and r[key] is not None]
             if not pts:
                 continue
             pts.sort(key=lambda t: t[0])
-            x = [p[0] for p in pts]
-            y = [100 * p[1] for p in pts]
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            ys_all += y
             if m == "none":
-                ax.axhline(y[0], color=color[m], ls="--", lw=1, alpha=0.7, zorder=1)
-                ax.scatter(x, y, s=110, marker="*", color=color[m], zorder=3, label="uncompressed top-k")
+                ax.axhline(y[0], color=color[m], ls="--", lw=1, alpha=0.6, zorder=1)
+                ax.scatter(x, y, s=150, marker="*", color=color[m], zorder=3, label="uncompressed top-k")
             else:
                 if len(pts) > 1:
-                    ax.plot(x, y, color=color[m], lw=1.6, alpha=0.8, zorder=2)
-                ax.scatter(x, y, s=46, color=color[m], edgecolor="white", linewidth=0.8, zorder=3, label=m)
-            for (xi, _, r), yi in zip(pts, y, strict=True):
+                    ax.plot(x, y, color=color[m], lw=1.8, alpha=0.85, zorder=2)
+                ax.scatter(x, y, s=52, color=color[m], edgecolor="white", linewidth=0.9, zorder=3, label=m)
+            for xi, yi, r in pts:
                 tok = r["tokens_out"] / max(r["n"], 1)
-                tag = f"{r['sweep']['key']}={r['sweep']['value']}" if r.get("sweep") else ""
-                text = f"{tag}\n{tok:,.0f} tok" if tag else f"{tok:,.0f} tok/q"
-                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(6, 5), fontsize=7.5,
-                            color=color[m], linespacing=0.95, zorder=4,
-                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+                sw = r.get("sweep")
+                if sw:  # the method is in the legend; its sweep value and size are what differ
+                    text = f"{sw['key']}={sw['value']} · {tok:,.0f} tok"
+                elif m == "none":
+                    text = f"uncompressed · {tok:,.0f} tok/q"
+                else:
+                    text = f"{r['label']} · {tok:,.0f} tok/q"
+                labels.append((xi, yi, text, color[m]))
+        lo, hi = _y_range(ys_all)
+        ax.set_ylim(lo, hi + (hi - lo) * 0.04)
+        ax.yaxis.set_major_locator(MultipleLocator(10 if hi - lo <= 60 else 20))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}%"))
         ax.set_xscale("log", base=2)
         ticks = [2.0**i for i in range(0, math.ceil(math.log2(xmax * 1.3)) + 1)]
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.set_xlim(0.85, xmax * 1.6)
-        ax.set_ylim(0, 105)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}%"))
-        ax.grid(True, which="major", color="#dddddd", lw=0.7)
+        ax.set_xlim(0.8, xmax * 1.9)
+        ax.grid(True, which="major", color="#e3e3e3", lw=0.7)
         ax.set_axisbelow(True)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-        ax.set_xlabel("compression (tokens in ÷ tokens out), more →")
-        ax.set_title(f"{title}\n", fontsize=11, loc="left")
-        ax.text(0, 1.02, subtitle, transform=ax.transAxes, fontsize=8, color="#666666")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+        ax.set_xlabel("compression: tokens in ÷ tokens out  (more →)")
+        ax.set_title(f"{title}\n{subtitle}", fontsize=10.5, loc="left", linespacing=1.5)
+        ax.title.set_color("#222222")
+        labels_per_ax.append((ax, labels))
+    handles, names = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
-                   bbox_to_anchor=(0.5, -0.01))
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
     c = report["config"]
     fig.suptitle(
-        f"Compression vs. kept answers: {report['n_questions']} questions of {Path(c['data']).name}, "
-        f"top-{c['retrieve_k']} from {Path(c['corpus']).name}, tokens of {c['tokenizer']}",
-        fontsize=12, x=0.01, ha="left",
+        f"How much context each method keeps, and what survives it: {report['n_questions']} questions "
+        f"of {Path(c['data']).name}, top-{c['retrieve_k']} of {Path(c['corpus']).name}, "
+        f"tokens of {c['tokenizer']}",
+        fontsize=11.5, x=0.01, ha="left",
     )
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    for ax, labels in labels_per_ax:  # after layout: placement works in final display coordinates
+        _place_labels(fig, ax, labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _y_range(ys: list[float]) -> tuple[float, float]:
+    """Percent axis that fits the data with a margin, snapped to tens, at least 30 points tall."""
+    if not ys:
+        return 0.0, 100.0
+    lo = max(0.0, math.floor((min(ys) - 6) / 10) * 10)
+    hi = min(100.0, math.ceil((max(ys) + 6) / 10) * 10)
+    if hi - lo < 30:
+        lo = max(0.0, hi - 30)
+        hi = max(hi, lo + 30)
+    return lo, hi
+
+
+# Candidate label offsets (points) around a marker, tried in order: right, left, above, below...
+_OFFSETS = [(7, 3, "left"), (7, -11, "left"), (-7, 3, "right"), (-7, -11, "right"), (0, 9, "center"),
+            (0, -18, "center"), (12, 12, "left"), (12, -20, "left"), (-12, 12, "right"), (-12, -20, "right"),
+            (0, 20, "center"), (0, -28, "center")]
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
+    """Greedy placement: each label takes the first candidate spot that overlaps no marker,
+    no earlier label and stays inside the axes; failing that, the least overlapping one."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    dpi_scale = fig.dpi / 72.0
+    axes_box = ax.get_window_extent(renderer)
+    r = 5 * dpi_scale
+    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+             for px, py in (to_px((x, y)) for x, y, _, _ in labels)]
+    # Most constrained first: labels of points with close neighbours pick before the others.
+    order = sorted(range(len(labels)), key=lambda i: labels[i][0])
+    for i in order:
+        x, y, text, col = labels[i]
+        best = None
+        for dx, dy, ha in _OFFSETS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha,
+                              va="bottom", fontsize=7.5, color=col, zorder=4,
+                              bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.85})
+            box = ann.get_window_extent(renderer)
+            inside = (box.x0 >= axes_box.x0 and box.x1 <= axes_box.x1
+                      and box.y0 >= axes_box.y0 and box.y1 <= axes_box.y1 + 4 * dpi_scale)
+            overlap = sum(_area(box, t) for t in taken) + (0 if inside else 1e9)
+            if best is None or overlap < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (overlap, ann, box)
+            else:
+                ann.remove()
+            if overlap == 0:
+                break
+        assert best is not None
+        taken.append(best[2])
+
+
+def _area(a: Any, b: Any) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0

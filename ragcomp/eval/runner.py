@@ -50,9 +50,11 @@ class RunSpec:
     def label(self) -> str:
         if self.method == BASELINE:
             return "none (uncompressed)"
+        # Every parameter the user set, the swept one last: rows must say what they ran.
+        shown = [(k, v) for k, v in self.params.items() if self.sweep is None or k != self.sweep[0]]
         if self.sweep is not None:
-            return f"{self.method} {self.sweep[0]}={self.sweep[1]}"
-        return self.method
+            shown.append(self.sweep)
+        return " ".join([self.method, *(f"{k}={v}" for k, v in shown)])
 
 
 SweepSpec = str | tuple[str, Sequence[Any]]

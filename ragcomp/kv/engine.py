@@ -400,13 +400,15 @@ class KVEngine:
                         events.append(_record(torch, comp_s))
         if timings is not None:
             timings["enqueue"] = time.perf_counter() - t_start
-        hooks = [self.decoder.layers[a].register_forward_pre_hook(_waiter(ev))
-                 for (a, _), ev in zip(bounds, events, strict=False)]  # no events on a CPU
-        try:
-            logits = self.prefill(cache, q_ids, total)
-        finally:
-            for h in hooks:
-                h.remove()
+        # Hooks live on the shared model: hold its lock while they are attached.
+        with self.lock:
+            hooks = [self.decoder.layers[a].register_forward_pre_hook(_waiter(ev))
+                     for (a, _), ev in zip(bounds, events, strict=False)]  # no events on a CPU
+            try:
+                logits = self.prefill(cache, q_ids, total)
+            finally:
+                for h in hooks:
+                    h.remove()
         if timings is not None:
             timings["forward_enqueued"] = time.perf_counter() - t_start
         return asm, cache, logits
@@ -494,15 +496,16 @@ class KVEngine:
         def stop(*_: Any) -> None:
             raise _StopForward
 
-        handle = self.decoder.layers[1].register_forward_hook(stop)
-        try:
-            with self.lock, torch.inference_mode():
+        # The hook lives on the shared model: attach it only while holding the model's lock.
+        with self.lock, torch.inference_mode():
+            handle = self.decoder.layers[1].register_forward_hook(stop)
+            try:
                 self.decoder(input_ids=torch.tensor([asm.ids], device=self.device), past_key_values=cache,
                              position_ids=self._positions(0, len(asm.ids)), use_cache=True)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
         fresh = cache.layers[1].keys[0].to(torch.float32)  # [heads, tokens, dim]
         cand = torch.tensor(candidates, device=self.device)
         dev = (fresh[:, cand] - asm.keys[1][:, cand].to(torch.float32)).norm(dim=-1).sum(0)
