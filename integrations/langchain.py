@@ -233,3 +233,13 @@ class RagcompEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         return await asyncio.to_thread(self.embed_query, text)
+
+
+def __getattr__(name: str) -> Any:
+    # KVCacheRunnable lives in langchain_kv (it pulls in the KV layer and torch);
+    # re-exported here so users find every LangChain piece under one module.
+    if name == "KVCacheRunnable":
+        from ragcomp.integrations import langchain_kv
+
+        return langchain_kv.KVCacheRunnable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

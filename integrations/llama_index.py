@@ -554,3 +554,16 @@ async def _aiter_thread(gen: Generator[str, None, None]) -> AsyncGenerator[str, 
             yield item  # type: ignore[misc]
     finally:
         await asyncio.to_thread(gen.close)
+
+
+_KV_NAMES = ("KVCacheQueryEngine", "KVPrefetchPostprocessor")
+
+
+def __getattr__(name: str) -> Any:
+    # The document-KV classes live in llama_index_kv (they pull in the KV layer and torch);
+    # re-exported here so users find every LlamaIndex piece under one module.
+    if name in _KV_NAMES:
+        from ragcomp.integrations import llama_index_kv
+
+        return getattr(llama_index_kv, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
