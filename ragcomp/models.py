@@ -220,16 +220,54 @@ class CausalLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 32) -> str:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 32, stop_at_line: bool = False) -> str:
         """Greedy decoding from prompt token ids; returns the new text only."""
+        return self.generate_batch([prompt_ids], max_new_tokens, stop_at_line)[0]
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 32,
+                       stop_at_line: bool = False) -> list[str]:
+        """Greedy decoding of several prompts in one batch (left-padded); new text only.
+
+        `stop_at_line` ends a sequence once it has a non-empty line followed by a newline:
+        readers keep only the first line, so the rest would be decoded for nothing.
+        """
+        if not prompts:
+            return []
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
         torch = require("torch", "models")
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        extra: dict[str, Any] = {}
+        if stop_at_line:
+            transformers = require("transformers", "models")
+            extra["stopping_criteria"] = transformers.StoppingCriteriaList([_first_line_done(tok, width)])
         with self.lock, torch.inference_mode():
-            ids = torch.tensor([prompt_ids], device=self.device)
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=self.tokenizer.eos_token_id,
+                ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad, **extra,
             )
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def _first_line_done(tokenizer: Any, prompt_width: int) -> Any:
+    """Stopping criterion, per row: the new text holds a non-empty line and a newline after it."""
+    torch = require("torch", "models")
+    transformers = require("transformers", "models")
+
+    class FirstLineDone(transformers.StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = ["\n" in tokenizer.decode(row[prompt_width:], skip_special_tokens=True).lstrip()
+                    for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return FirstLineDone()
 
 
 def load_causal_lm(name: str = "smollm2-135m", device: str | None = None, dtype: Any = None) -> CausalLM:

@@ -27,7 +27,7 @@ from ragcomp.eval import (
     squad_normalize,
     write_json,
 )
-from ragcomp.llm import clean_answer, load_reader
+from ragcomp.llm import Reader, clean_answer, load_reader
 from ragcomp.types import Passage
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -88,11 +88,11 @@ def test_percentile_linear_interpolation() -> None:
 
 def _rec(titles: int, found: int, ev: int, ev_retr: int, ev_kept: int, ans_retr: bool, ans_ctx: bool,
          tin: int, tout: int, empty: bool = False, em: float | None = None, f1: float | None = None,
-         ms: float = 10.0) -> dict:
+         ms: float = 10.0, acc: int | None = None) -> dict:
     return {"titles": ["t"] * titles, "titles_found": found, "evidence": ev, "evidence_in_retrieved": ev_retr,
             "evidence_kept": ev_kept, "answer_in_retrieved": ans_retr, "answer_in_context": ans_ctx,
             "tokens_in": tin, "tokens_out": tout, "empty": empty, "em": em, "f1": f1,
-            "latency_ms": {"retrieve": 1.0, "compress": ms, "generate": None, "total": ms + 1}}
+            "acc": acc, "latency_ms": {"retrieve": 1.0, "compress": ms, "generate": None, "total": ms + 1}}
 
 
 def test_aggregate_micro_averages_by_hand() -> None:
@@ -112,9 +112,11 @@ def test_aggregate_micro_averages_by_hand() -> None:
     assert agg["em"] is None and agg["f1"] is None
     assert agg["latency_ms"]["compress"] == {"p50": 20.0, "p95": 29.0}
     assert agg["latency_ms"]["generate"] == {"p50": None, "p95": None}
-    with_reader = aggregate([_rec(1, 1, 1, 1, 1, True, True, 10, 5, em=1.0, f1=1.0),
-                             _rec(1, 1, 1, 1, 1, True, True, 10, 5, em=0.0, f1=0.5)], generates=True)
-    assert (with_reader["em"], with_reader["f1"]) == (0.5, 0.75)
+    with_reader = aggregate([_rec(1, 1, 1, 1, 1, True, True, 10, 5, em=1.0, f1=1.0, acc=1),
+                             _rec(1, 1, 1, 1, 1, True, True, 10, 5, em=0.0, f1=0.5, acc=1),
+                             _rec(1, 1, 1, 1, 1, True, True, 10, 5, em=0.0, f1=0.0, acc=0),
+                             _rec(1, 1, 1, 1, 1, True, True, 10, 5, em=0.0, f1=0.25, acc=0)], generates=True)
+    assert (with_reader["em"], with_reader["f1"], with_reader["acc"]) == (0.25, 0.4375, 0.5)
     nothing = aggregate([_rec(1, 0, 0, 0, 0, False, False, 10, 0, empty=True)], generates=False)
     assert nothing["compression_ratio"] is None and nothing["evidence_recall"] is None
     assert nothing["answer_kept"] is None
@@ -371,3 +373,54 @@ def test_smollm2_reader_answers_short() -> None:
     assert answer == "mouthguards"
     assert "\n" not in answer and not answer.endswith(".")
     assert len(answer.split()) <= 32
+
+
+class _FirstWordsReader(Reader):
+    """A rule-based reader (no model): answers with the context's first three words; records
+    the batches it was given, so the batching of the eval loop can be checked."""
+
+    tokenizer = "whitespace"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def answer(self, question: str, context: str | None) -> str:
+        return " ".join((context or "no context").split()[:3])
+
+    def answer_batch(self, items: list[tuple[str, str | None]]) -> list[str | None]:
+        self.batches.append(len(items))
+        return super().answer_batch(items)
+
+
+@needs_data
+def test_batched_reading_matches_one_at_a_time(corpus_file: Path, qa_file: Path, index_dir: Path) -> None:
+    runs = {}
+    for bs in (1, 3):
+        reader = _FirstWordsReader()
+        runs[bs] = evaluate(qa_file, method="recomp-extractive", corpus=corpus_file, retrieve_k=3,
+                            reader=reader, device="cpu", index_dir=index_dir, batch_size=bs)
+        assert reader.batches == ([1] * 7 if bs == 1 else [3, 3, 1])
+    one, three = runs[1]["runs"][0], runs[3]["runs"][0]
+    assert [q["prediction"] for q in one["per_question"]] == [q["prediction"] for q in three["per_question"]]
+    assert (one["em"], one["f1"], one["acc"]) == (three["em"], three["f1"], three["acc"])
+    # acc is "a gold answer appears in the prediction", recomputed here from the predictions.
+    per = three["per_question"]
+    assert three["acc"] == round(sum(contains_answer(q["prediction"], q["answers"]) for q in per) / 7, 4)
+    assert runs[3]["config"]["batch_size"] == 3
+    assert "a batch of 3 questions" in markdown(runs[3])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        evaluate(qa_file, method="recomp-extractive", corpus=corpus_file, reader=reader, batch_size=0)
+
+
+@needs_data
+@pytest.mark.slow
+def test_smollm2_batched_answers_equal_single() -> None:
+    """Left-padded batched greedy decoding gives the same answers as one prompt at a time."""
+    reader = load_reader("smollm2-135m", device="cpu")
+    wiki = json.loads(WIKI.read_text(encoding="utf-8"))
+    items = [("Besides protective gloves and hand wraps, what protective equipment is usually worn in boxing?",
+              wiki["Boxing"]["extract"][:600]),
+             ("What is the capital of France?", None),
+             ("Which river flows through Leeds?", wiki["Leeds"]["extract"][:300])]
+    assert reader.answer_batch(items) == [reader.answer(q, c) for q, c in items]
+    assert reader.answer_batch([]) == []

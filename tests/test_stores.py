@@ -311,6 +311,48 @@ def test_redis_corrupt_entry_is_detected_and_removed(
 
 
 @redis_mark
+def test_redis_mid_size_value_is_split_across_connections(redis_url: str, prefix: str, raw) -> None:
+    # Default chunk size (32 MiB) but min_split_bytes 1000: a 10 kB value becomes one chunk per
+    # connection, so it is read in parallel; a value under 4 * 1000 bytes is not split finer.
+    store = redis_store(redis_url, prefix, inline_bytes=256, min_split_bytes=1000, parallel=4)
+    value = random_bytes(10_001)
+    store.set("mid", value)
+    assert len(_chunk_names(raw, prefix)) == 4
+    assert store.get("mid") == value
+    store.set("small", random_bytes(2500))  # 3 chunks of at least 1000 bytes
+    assert len([n for n in _chunk_names(raw, prefix) if b"small" in n]) == 3
+    store.close()
+
+
+@redis_mark
+def test_redis_digest_algorithms(redis_url: str, prefix: str, raw, monkeypatch: pytest.MonkeyPatch,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    """New entries use xxh3-128 (algorithm 1 in the header); entries of the blake2b format
+    (algorithm 0) still read; without xxhash an xxh3 entry is a miss, never deleted."""
+    import ragcomp.stores.redis as mod
+
+    pytest.importorskip("xxhash")
+    store = redis_store(redis_url, prefix, chunk_bytes=1000, inline_bytes=300)
+    new, old = random_bytes(4500), random_bytes(4500)
+    store.set("new", new)
+    assert int.from_bytes(raw.getrange(f"{prefix}h:{{new}}", 6, 7), "little") == 1
+    monkeypatch.setattr(mod, "_WRITE_ALGO", mod._BLAKE2B)
+    store.set("old", old)
+    store.set("old-inline", b"x" * 100)
+    monkeypatch.undo()
+    assert int.from_bytes(raw.getrange(f"{prefix}h:{{old}}", 6, 7), "little") == 0
+    assert store.get_many(["new", "old", "old-inline"]) == [new, old, b"x" * 100]
+    monkeypatch.setattr(mod, "_xxhash", None)
+    before = names(raw, prefix)
+    with caplog.at_level(logging.WARNING, logger="ragcomp.stores.redis"):
+        assert store.get("new") is None
+    assert "xxhash" in caplog.text
+    assert names(raw, prefix) == before  # a miss here, not corruption: nothing removed
+    assert store.get("old") == old
+    store.close()
+
+
+@redis_mark
 def test_redis_corrupt_entry_in_get_many(redis_url: str, prefix: str, raw) -> None:
     store = redis_store(redis_url, prefix, chunk_bytes=100, inline_bytes=10)
     store.set_many([("a", b"a" * 350), ("b", b"b" * 350)])

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit for the reader")
     p.add_argument("--timeout", type=float, default=60.0, help="remote reader: seconds per request")
     p.add_argument("--retries", type=int, default=4, help="remote reader: retries on 429/5xx/timeouts")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="questions read per batch by the reader (default 1: true per-question latency; "
+                   "larger is faster, with generate latency the batch time over its size)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--embedder", default="minilm", help="retrieval embedder (alias, hub id or path)")
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             args.data, method=args.method, params=parse_params(args.param), corpus=args.corpus,
             retrieve_k=args.retrieve_k, reader=reader, baseline=args.baseline, limit=args.limit,
             sweep=args.sweep, tokenizer=args.tokenizer, device=args.device, embedder=args.embedder,
-            index_dir=args.index_dir, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+            index_dir=args.index_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            progress=not args.quiet,
         )
     text = markdown(report)
     print(text)

@@ -53,6 +53,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "answer kept": _pct(run["answer_kept"]),
             "EM": _pct(run["em"]),
             "F1": _pct(run["f1"]),
+            "acc": _pct(run.get("acc")),
             "empty": _pct(run["empty_rate"]),
             "retrieve ms p50/p95": _ms(lat["retrieve"]),
             "compress ms p50/p95": _ms(lat["compress"]),
@@ -61,7 +62,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, str]]:
         })
     if rows and all(r["EM"] == "" for r in rows):  # no reader: drop the empty columns
         for r in rows:
-            for col in ("EM", "F1", "generate ms p50/p95"):
+            for col in ("EM", "F1", "acc", "generate ms p50/p95"):
                 del r[col]
     return rows
 
@@ -106,9 +107,12 @@ def markdown(report: dict[str, Any]) -> str:
         "ratio = tokens in / tokens out over all questions; retrieval recall = gold titles in the top-k; "
         "evidence recall = gold evidence sentences kept verbatim, of those the top-k held; answer kept = "
         "questions whose answer is still in the context, of those whose top-k held it; EM/F1 = SQuAD-style, "
-        "best over aliases; empty = the method judged nothing relevant (answered without context); "
+        "best over aliases; acc = a gold answer appears in the prediction; empty = the method judged "
+        "nothing relevant (answered without context); "
         "latencies per question, each row starting from the same embedding cache (questions cached by "
-        "retrieval, passages and sentences not).",
+        "retrieval, passages and sentences not)"
+        + (f"; generate ms = a batch of {report['config']['batch_size']} questions' time over its size."
+           if report["config"].get("batch_size", 1) > 1 else "."),
         "",
     ]
     return "\n".join(parts)

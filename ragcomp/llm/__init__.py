@@ -69,6 +69,10 @@ class Reader(ABC):
     def answer(self, question: str, context: str | None) -> str | None:
         """The short answer (cleaned), or None for a reader that does not generate."""
 
+    def answer_batch(self, items: list[tuple[str, str | None]]) -> list[str | None]:
+        """Answers for several (question, context) pairs; readers that can batch override it."""
+        return [self.answer(q, c) for q, c in items]
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "tokenizer": self.tokenizer}
 

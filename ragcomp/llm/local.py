@@ -49,7 +49,14 @@ class LocalReader(Reader):
         return self.lm.chat_ids(user_prompt(question, cut), system=system_prompt(cut))
 
     def generate_raw(self, question: str, context: str | None) -> str:
-        return self.lm.generate(self.prompt_ids(question, context), max_new_tokens=self.max_new_tokens)
+        return self.lm.generate(self.prompt_ids(question, context), max_new_tokens=self.max_new_tokens,
+                                stop_at_line=True)
 
     def answer(self, question: str, context: str | None) -> str:
         return clean_answer(self.generate_raw(question, context))
+
+    def answer_batch(self, items: list[tuple[str, str | None]]) -> list[str | None]:
+        """One left-padded greedy batch (same answers as one at a time, up to float rounding)."""
+        prompts = [self.prompt_ids(q, c) for q, c in items]
+        texts = self.lm.generate_batch(prompts, max_new_tokens=self.max_new_tokens, stop_at_line=True)
+        return [clean_answer(t) for t in texts]
