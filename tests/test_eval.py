@@ -418,8 +418,8 @@ def test_smollm2_batched_answers_equal_single() -> None:
     """Left-padded batched greedy decoding gives the same answers as one prompt at a time."""
     reader = load_reader("smollm2-135m", device="cpu")
     wiki = json.loads(WIKI.read_text(encoding="utf-8"))
-    items = [("Besides protective gloves and hand wraps, what protective equipment is usually worn in boxing?",
-              wiki["Boxing"]["extract"][:600]),
+    boxing = "Besides protective gloves and hand wraps, what protective equipment is usually worn in boxing?"
+    items = [(boxing, wiki["Boxing"]["extract"][:600]),
              ("What is the capital of France?", None),
              ("Which river flows through Leeds?", wiki["Leeds"]["extract"][:300])]
     assert reader.answer_batch(items) == [reader.answer(q, c) for q, c in items]
