@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed repeats per GPU case")
     p.add_argument("--device", default="cuda", help="device for --part gpu (cpu: a dry run)")
     p.add_argument("--groups", type=int, default=8, help="layer groups streamed on the GPU path")
+    p.add_argument("--profile", action="store_true",
+                   help="--part gpu: print the top GPU kernels of the pinned-tier path per case")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on busy shared cores 1 avoids "
                         "OpenMP barrier stalls")
@@ -470,6 +473,10 @@ def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                 mb = sum(c.nbytes for c in src) / 1e6 if src else None
                 rows.append({"shape": shape, "context": total + q_len, "source": name, "ttft_ms": tt * 1e3,
                              "x_faster": t_full / tt, "KV_MB": mb})
+            if args.profile and on_gpu:
+                _profile(partial(eng.prefill_streamed, prefix, host, q_ids, groups=args.groups),
+                         f"{shape} {total + q_len} tokens, pinned-CPU tier")
+                _profile(partial(eng.full_prefill, full_ids), f"{shape} {total + q_len} tokens, full prefill")
             host = {k: round(v * 1e3, 1) for k, v in info["host_ms"].items()}
             print_table(rows[-len(times):], f"{shape}, {total + q_len} tokens; streamed vs chunk-by-chunk "
                         f"KV and logits max diff {info['streamed_vs_chunkwise_maxdiff']:.2e}; host ms {host}")
@@ -483,6 +490,22 @@ def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     print_table(rows, f"GPU TTFT ({name}, bf16, random weights of real shapes, SDPA, {q_len}-token question, "
                 f"{chunk_len}-token chunks, {args.groups} layer groups, median of {args.repeat})")
     return rows
+
+
+def _profile(fn: Any, title: str) -> None:
+    """Top CUDA kernels by time over three calls (where a path spends its milliseconds)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"### profile: {title} (3 calls)", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
+          file=sys.stderr, flush=True)
 
 
 def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], total: int,
