@@ -14,6 +14,7 @@ _BUILTIN: dict[str, str] = {
     "rerank": "ragcomp.compressors.rerank:Reranker",
     "recomp-extractive": "ragcomp.compressors.recomp_extractive:RecompExtractive",
     "budget": "ragcomp.base:TokenBudget",
+    "provence": "ragcomp.compressors.provence:ProvenceCompressor",
 }
 _USER: dict[str, type[Compressor]] = {}
 
