@@ -1,0 +1,157 @@
+"""`ragcomp bench prune-gpu`: latency of a Provence pruner with DeBERTa-v3-large's shape against
+the `llmlingua` package's LLMLingua-2 compressor with an XLM-RoBERTa-large-shaped token classifier,
+on the same questions and passages, in one run. Random weights: timing only (decisions are noise).
+
+    ragcomp bench prune-gpu --questions 20 --passages 20 --words 150      # on a CUDA machine
+    ragcomp bench prune-gpu --small --device cpu                           # a quick dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ragcomp.bench import print_table
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune-gpu", help="Provence (DeBERTa-v3-large shape) vs LLMLingua-2 latency",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(func=run)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--questions", type=int, default=20)
+    p.add_argument("--passages", type=int, default=20, help="passages per question")
+    p.add_argument("--words", type=int, default=150, help="words per passage")
+    p.add_argument("--qa", default=str(DATA / "qa_dev.jsonl"))
+    p.add_argument("--wiki", default=str(DATA / "wiki_summaries_en.json"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--small", action="store_true", help="tiny shapes (a dry run of the code path)")
+    p.add_argument("--skip-llmlingua", action="store_true")
+    p.add_argument("--json", default=None)
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """Each question with `passages` wiki summaries cut to `words` words (long ones first)."""
+    qs = [json.loads(x)["question"] for x in Path(args.qa).read_text().splitlines() if x.strip()]
+    wiki = json.loads(Path(args.wiki).read_text())
+    texts = [v["extract"] if isinstance(v, dict) else str(v) for v in wiki.values()]
+    texts = [" ".join(t.split()[: args.words]) for t in texts if len(t.split()) >= args.words]
+    out = []
+    for i, q in enumerate(qs[: args.questions]):
+        start = (i * args.passages) % max(1, len(texts) - args.passages)
+        out.append((q, texts[start : start + args.passages]))
+    return out
+
+
+def _time(fn: Any, items: list[Any], sync: Any) -> list[float]:
+    fn(items[0])  # warm-up: kernels, allocator, tokenizer caches
+    fn(items[0])
+    times = []
+    for it in items:
+        sync()
+        t = time.perf_counter()
+        fn(it)
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from ragcomp.compressors.provence import ProvenceCompressor
+    from ragcomp.compressors.provence_model import ProvenceModel
+    from ragcomp.models import minilm_path
+
+    dev = args.device
+    on_gpu = dev.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    items = _inputs(args)
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))  # any tokenizer: random weights
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+            if args.small else dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096))
+    deberta = transformers.DebertaV2Config(
+        vocab_size=128100, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+        max_relative_positions=-1, position_biased_input=False, pooler_hidden_size=size["hidden_size"],
+        pooler_hidden_act="gelu", **size)
+    rows = []
+    for dtype in ([torch.bfloat16, torch.float32] if on_gpu else [torch.float32]):
+        model = ProvenceModel(deberta).to(dev, dtype).eval()
+        comp = ProvenceCompressor(model, encoder_tokenizer=tok, device=dev, batch_size=32)
+        times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
+        rows.append(_row(f"ragcomp provence ({str(dtype).split('.')[-1]})", times, args))
+        del comp, model
+    if not args.skip_llmlingua:
+        rows += _llmlingua(args, items, size, tok, dev, sync)
+    base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
+    for r in rows:
+        r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base else None
+    name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
+    shapes = "tiny" if args.small else "large"
+    print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "
+                f"passages of {args.words} words; random weights, {shapes} shapes)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _llmlingua(args: argparse.Namespace, items: list[Any], size: dict[str, int], tok: Any, dev: str,
+               sync: Any) -> list[dict[str, Any]]:
+    from ragcomp.tokens import _point_tiktoken_at_offline_files
+
+    _point_tiktoken_at_offline_files()  # llmlingua loads cl100k at start; no network here
+    try:
+        from llmlingua import PromptCompressor
+    except ImportError as e:
+        print(f"llmlingua not importable ({e}); its row is skipped", file=sys.stderr)
+        return []
+    import transformers
+
+    cfg = transformers.XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514, type_vocab_size=1,
+                                        num_labels=2, **size)
+    with tempfile.TemporaryDirectory() as root:
+        # llmlingua picks its word-merging rule from the model's name; the stand-in tokenizer is
+        # WordPiece (no XLM-R sentencepiece file offline), so the name selects the WordPiece rule.
+        tmp = str(Path(root) / "xlm-roberta-large-shape-bert-base-multilingual-cased-tokenizer")
+        transformers.AutoModelForTokenClassification.from_config(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        pc = PromptCompressor(model_name=tmp, use_llmlingua2=True, device_map=dev)
+
+        def go(it: tuple[str, list[str]]) -> Any:
+            return pc.compress_prompt(it[1], rate=0.33, force_tokens=["\n", "?"])
+
+        times = _time(go, items, sync)
+    dtype = str(next(pc.model.parameters()).dtype).split(".")[-1]
+    return [_row(f"llmlingua 0.2 LLMLingua-2 ({dtype})", times, args)]
+
+
+def _row(name: str, times: list[float], args: argparse.Namespace) -> dict[str, Any]:
+    ms = sorted(t * 1e3 for t in times)
+    return {"compressor": name, "p50_ms": round(statistics.median(ms), 2),
+            "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2), "questions": len(ms),
+            "passages_per_q": args.passages}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ragcomp.bench.prune_gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
