@@ -15,6 +15,7 @@ _BUILTIN: dict[str, str] = {
     "recomp-extractive": "ragcomp.compressors.recomp_extractive:RecompExtractive",
     "budget": "ragcomp.base:TokenBudget",
     "provence": "ragcomp.compressors.provence:ProvenceCompressor",
+    "exit": "ragcomp.compressors.exit:ExitCompressor",
 }
 _USER: dict[str, type[Compressor]] = {}
 

@@ -1,0 +1,239 @@
+"""EXIT with the real SmolLM2-135M-Instruct weights in fp32 on CPU: batched shared-prefix
+scoring against one forward per sentence (same scores, same decisions), verbatim spans in
+document order, thresholds, windows for long passages, bad input. Passages are short so the
+file runs in well under a minute on one core."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import ragcomp.compressors.exit as exit_mod  # noqa: E402
+from ragcomp.compressors.exit import ExitCompressor  # noqa: E402
+from ragcomp.text import split_sentences  # noqa: E402
+from ragcomp.types import Passage  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_summaries_en.json"
+TITLES = ["Boxing", "Orange (colour)", "Kazimir Malevich"]
+QUERY = "Besides protective gloves and hand wraps, what protective equipment is usually worn in boxing?"
+
+
+class _Memo(ExitCompressor):
+    """Scores each (query, passages, method) once per module: `compress` with either method
+    then runs its selection on exactly the scores the equality tests compared."""
+
+    seen: dict = {}  # noqa: RUF012
+
+    def score(self, query, passages, method=None):  # type: ignore[no-untyped-def]
+        key = (query, tuple(p.text for p in passages), method or self.method, self.max_length)
+        if key not in self.seen:
+            self.seen[key] = super().score(query, passages, method)
+        return self.seen[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Two OpenMP threads on a shared 2-core machine stall each other (see test_kv_smollm2).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from ragcomp.models import load_causal_lm
+
+    try:
+        return load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    except (ImportError, OSError) as e:  # pragma: no cover - offline weights missing
+        pytest.skip(f"SmolLM2 weights unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def passages() -> list[Passage]:
+    if not WIKI.exists():  # pragma: no cover
+        pytest.skip(f"{WIKI} missing")
+    data = json.loads(WIKI.read_text(encoding="utf-8"))
+    return [Passage(t, data[t]["extract"], metadata={"title": t}) for t in TITLES]
+
+
+@pytest.fixture(scope="module")
+def scores(lm, passages) -> dict[str, list[np.ndarray]]:
+    comp = _Memo(lm)
+    return {m: comp.score(QUERY, passages, method=m) for m in ("batched", "per_sentence")}
+
+
+def _midpoint(flat: np.ndarray) -> float:
+    """A threshold between two distinct scores, far (> 1e-4) from every score."""
+    vals = np.unique(np.round(flat, 6))
+    gaps = np.diff(vals)
+    i = int(np.argmax(gaps))
+    assert gaps[i] > 1e-3, "scores too close together to test decisions"
+    return float((vals[i] + vals[i + 1]) / 2)
+
+
+def test_batched_matches_per_sentence(scores, passages) -> None:
+    a, b = scores["batched"], scores["per_sentence"]
+    assert [len(x) for x in a] == [len(split_sentences(p.text)) for p in passages]
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    assert diff <= 1e-4
+    flat = np.concatenate(a)
+    assert ((flat > 0) & (flat < 1)).all()
+
+
+@pytest.fixture(scope="module")
+def kept(lm, passages, scores) -> tuple[float, dict]:
+    """Both methods through `compress`, at a threshold that splits the scores."""
+    thr = _midpoint(np.concatenate(scores["batched"]))
+    return thr, {m: _Memo(lm, threshold=thr, method=m).compress(QUERY, passages)
+                 for m in ("batched", "per_sentence")}
+
+
+def test_same_kept_sentences_both_methods(kept, scores) -> None:
+    spans = {m: [c.spans for c in r.items] for m, r in kept[1].items()}
+    assert spans["batched"] == spans["per_sentence"]
+    n_kept = sum(len(s) for s in spans["batched"])
+    assert 0 < n_kept < sum(len(x) for x in scores["batched"])  # a real keep/drop mix
+
+
+def test_kept_text_is_verbatim_in_document_order(kept, scores) -> None:
+    thr, res = kept[0], kept[1]["batched"]
+    assert [c.passage.id for c in res.items] == TITLES  # passages keep their order
+    for item, per_p in zip(res.items, scores["batched"], strict=True):
+        sents = split_sentences(item.passage.text)
+        expect = [(s.start, s.end) for s, sc in zip(sents, per_p, strict=True) if sc >= thr]
+        assert item.spans == expect  # document order, exactly the passing sentences
+        assert item.text == " ".join(item.passage.text[a:b] for a, b in item.spans)
+        assert item.kept == bool(expect)
+        assert item.score == pytest.approx(float(per_p.max()), abs=1e-6)
+    assert res.context == "\n\n".join(c.text for c in res.items if c.kept)
+
+
+def test_threshold_zero_keeps_all_one_keeps_none(lm, passages) -> None:
+    everything = ExitCompressor(lm, threshold=0.0).compress(QUERY, passages[:1])
+    p = passages[0]
+    assert everything.items[0].spans == [(s.start, s.end) for s in split_sentences(p.text)]
+    assert not everything.empty
+    nothing = ExitCompressor(lm, threshold=1.0).compress(QUERY, passages[:1])
+    assert nothing.empty and nothing.context == "" and nothing.tokens_out == 0
+    assert not nothing.items[0].kept and nothing.items[0].score is not None
+
+
+def test_max_sentences_keeps_the_best_in_document_order(lm, passages, scores) -> None:
+    res = _Memo(lm, threshold=0.0, max_sentences=2).compress(QUERY, passages)
+    flat = [(float(s), pi, si) for pi, per in enumerate(scores["batched"]) for si, s in enumerate(per)]
+    best = {(pi, si) for _, pi, si in sorted(flat, reverse=True)[:2]}
+    got = {(pi, [(x.start, x.end) for x in split_sentences(passages[pi].text)].index(sp))
+           for pi, item in enumerate(res.items) for sp in item.spans}
+    assert got == best
+
+
+def test_long_passage_is_scored_in_windows(lm) -> None:
+    fact = "Fact number {} says that the river Loire crosses the old town of Orleans in the middle of France."
+    long = Passage("long", " ".join(fact.format(i) for i in range(8)), metadata={"title": "Loire"})
+    q = "Which river crosses Orleans?"
+    comp = ExitCompressor(lm, max_length=256, batch_size=4)
+    units, _ = comp._units(q, [long])
+    assert len(units) > 1  # did not fit one prompt
+    assert all(len(u.prefix) + len(r) <= 256 for u in units for r in u.rows)
+    assert sorted(i for u in units for i in u.sentences) == list(range(8))  # every sentence once
+    a = comp.score(q, [long], "batched")[0]
+    b = comp.score(q, [long], "per_sentence")[0]
+    assert len(a) == 8 and float(np.abs(a - b).max()) <= 1e-4
+    res = ExitCompressor(lm, max_length=256, threshold=0.0).compress(q, [long])
+    assert res.items[0].text == long.text  # every sentence, verbatim, joined by the original spaces
+
+
+def test_huge_query_and_unpunctuated_text_do_not_crash(lm) -> None:
+    comp = ExitCompressor(lm, max_length=300, threshold=0.0)
+    blob = Passage("blob", " ".join(["word"] * 260))  # no punctuation: cut at word boundaries
+    res = comp.compress("what " * 400, [blob])
+    assert all(len(u.prefix) + len(r) <= 300 for u in comp._units("what " * 400, [blob])[0] for r in u.rows)
+    item = res.items[0]
+    assert item.kept and item.text == " ".join(blob.text[a:b] for a, b in item.spans)
+
+
+def test_padded_fallback_matches(lm, passages, scores, monkeypatch) -> None:
+    # Attention kernels without custom masks (flash attention) take the padded-batch path.
+    monkeypatch.setattr(exit_mod, "_custom_masks", lambda model: False)
+    got = ExitCompressor(lm, batch_size=2).score(QUERY, passages, "batched")
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(got, scores["per_sentence"], strict=True))
+    assert diff <= 1e-4
+
+
+def test_empty_and_mixed_language_input(lm) -> None:
+    comp = ExitCompressor(lm, threshold=0.0)
+    assert comp.compress(QUERY, []).empty  # no passages: an empty result, no model call
+    mixed = Passage("mix", "東京は日本の首都です。Paris est la capitale de la France. "
+                           "Berlin is the capital of Germany.")
+    res = comp.compress("What is the capital of Japan?", [Passage("e", ""), Passage("b", "  \n "), mixed])
+    assert [c.kept for c in res.items] == [False, False, True]
+    assert res.items[0].score is None and res.items[1].score is None
+    item = res.items[2]
+    assert len(item.spans) == 3 and item.spans[0] == (0, 11)
+    assert item.text == " ".join(mixed.text[a:b] for a, b in item.spans)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", True, None])
+def test_threshold_outside_unit_interval_raises(bad) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        ExitCompressor("smollm2-135m", threshold=bad)
+
+
+def test_other_bad_parameters_raise(lm) -> None:
+    with pytest.raises(ValueError, match="method"):
+        ExitCompressor(lm, method="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        ExitCompressor(lm, batch_size=0)
+    with pytest.raises(ValueError, match="max_sentences"):
+        ExitCompressor(lm, max_sentences=-1)
+    with pytest.raises(ValueError, match="max_length"):
+        ExitCompressor(lm, max_length=10)
+    with pytest.raises(ValueError, match="too small"):
+        ExitCompressor(lm, max_length=64).compress(QUERY, ["A sentence."])
+    with pytest.raises(ValueError, match="non-empty query"):
+        ExitCompressor(lm).compress("   ", ["A sentence."])
+    with pytest.raises(ValueError, match="adapter"):
+        ExitCompressor(lm, adapter="/nowhere")
+    with pytest.raises(TypeError):
+        ExitCompressor(lm).compress(QUERY, "not a list")
+
+
+def test_adapter_without_peft_names_the_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(ImportError, match="pip install peft"):
+        _ = ExitCompressor(adapter="/some/adapter", device="cpu").lm
+
+
+def test_lora_adapter_is_merged_into_a_private_copy(lm, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    cfg = LlamaConfig(vocab_size=len(lm.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(base_dir)
+    lm.tokenizer.save_pretrained(base_dir)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), config)
+    lora.save_pretrained(adapter_dir)
+    with_adapter = ExitCompressor(str(base_dir), adapter=str(adapter_dir), device="cpu", threshold=0.0)
+    plain = ExitCompressor(str(base_dir), device="cpu")
+    q, ps = "Which city?", [Passage("p", "Paris is in France. It is big.")]
+    a = with_adapter.score(q, ps)[0]
+    assert float(np.abs(a - with_adapter.score(q, ps, "per_sentence")[0]).max()) <= 1e-4
+    assert float(np.abs(a - plain.score(q, ps)[0]).max()) > 0  # the adapter changed the model
+    assert with_adapter.compress(q, ps).items[0].text == ps[0].text
+    from_config = ExitCompressor(adapter=str(adapter_dir), device="cpu")  # base named by the adapter
+    assert float(np.abs(a - from_config.score(q, ps)[0]).max()) <= 1e-6
