@@ -35,6 +35,19 @@ def _require_binary(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Model tests run torch on one thread: on shared 2-core machines two OpenMP threads stall
+    on each other's barriers when another process holds a core (small forwards ran ~20x slower).
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL (redis://127.0.0.1:PORT/0) of a real redis-server started for this test session."""

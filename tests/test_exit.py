@@ -20,7 +20,7 @@ from ragcomp.compressors.exit import ExitCompressor  # noqa: E402
 from ragcomp.text import split_sentences  # noqa: E402
 from ragcomp.types import Passage  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_summaries_en.json"
 TITLES = ["Boxing", "Orange (colour)", "Kazimir Malevich"]
@@ -38,15 +38,6 @@ class _Memo(ExitCompressor):
         if key not in self.seen:
             self.seen[key] = super().score(query, passages, method)
         return self.seen[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine stall each other (see test_kv_smollm2).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,8 @@ pytest.importorskip("transformers")
 
 from ragcomp.types import Passage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On shared 2-core machines two OpenMP threads stall on each other's barriers when
-    # another process holds a core: small forward passes ran ~20x slower than on one thread.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TEXTS = {
     "eiffel": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889.",
