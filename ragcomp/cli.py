@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     ("eval", "ragcomp.eval.cli"),
     ("kv", "ragcomp.kv.cli"),
     ("bench", "ragcomp.bench"),
+    ("train", "ragcomp.train.cli"),
     ("methods", "ragcomp.cli"),
 ]
 
