@@ -1,6 +1,7 @@
 """The compressor interface, registry, pipeline, budget and the first two methods."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,14 @@ def test_rerank_loads_a_cross_encoder_checkpoint(tmp_path) -> None:
     assert [c.passage.id for c in res.items] == [PASSAGES[i].id for i in order]
     assert [c.kept for c in res.items] == [True, True, False]
     assert abs(res.items[0].score - float(expected[order[0]])) < 1e-5
+
+
+def test_every_subpackage_is_listed_for_non_editable_installs() -> None:
+    # `pip install .` copies only the packages pyproject lists; a missing one breaks the CLI there.
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("ragcomp", *p.parent.relative_to(root / "ragcomp").parts)).rstrip(".")
+             for p in (root / "ragcomp").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

@@ -25,15 +25,7 @@ from ragcomp.train.provence import token_labels, train  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI, QA = DATA / "wiki_summaries_en.json", DATA / "qa_dev.jsonl"
 needs_data = pytest.mark.skipif(not WIKI.exists() or not QA.exists(), reason="../shared/data not present")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine stall each other (see test_kv_smollm2).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +232,10 @@ def test_train_lowers_loss_and_saves_fp16(tiny_backbone: Path, tmp_path: Path) -
 
 def test_cli_with_dev_split(tiny_backbone: Path, tmp_path: Path) -> None:
     data = write_records(tmp_path / "d.jsonl", RECORDS * 2)  # 8 records, 8 sources
+    small = tmp_path / "fp16-backbone"  # what export-backbone writes is a valid --backbone
+    assert train_main(["export-backbone", "--backbone", str(tiny_backbone), "--out", str(small)]) == 0
     out = tmp_path / "m"
-    argv = ["provence", "--data", str(data), "--out", str(out), "--backbone", str(tiny_backbone),
+    argv = ["provence", "--data", str(data), "--out", str(out), "--backbone", str(small),
             "--epochs", "1", "--batch-size", "4", "--max-length", "64", "--device", "cpu",
             "--dev-fraction", "0.25", "--keep-weight", "3", "--quiet"]
     assert train_main(argv) == 0
@@ -249,7 +243,8 @@ def test_cli_with_dev_split(tiny_backbone: Path, tmp_path: Path) -> None:
     assert report["command"] == "python -m ragcomp.train " + " ".join(argv)
     assert report["split"]["dev_records"] == 2 and report["split"]["train_records"] == 6
     dev = report["metrics"]["dev_after"]
-    assert {"token_f1", "sentence_accuracy", "ranking_acc1", "negatives_emptied"} <= set(dev)
+    assert {"token_f1", "sentence_accuracy", "ranking_acc1", "negatives_emptied", "target_top1",
+            "target_top1_lexical"} <= set(dev)
     assert report["args"]["keep_weight"] == 3.0 and report["metrics"]["dev_before"]["records"] == 2
     assert 0 <= dev["sentence_accuracy"] <= 1
 

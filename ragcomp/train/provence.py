@@ -38,7 +38,7 @@ import numpy as np
 
 from ragcomp._optional import require
 from ragcomp.text import Sentence
-from ragcomp.train.provence_data import file_sha256, meta_path, read_examples
+from ragcomp.train.provence_data import content_words, file_sha256, meta_path, read_examples
 from ragcomp.types import Passage
 
 
@@ -162,7 +162,7 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
     scored = comp.score_batch([by_q[q][0]["question"] for q in qids], passages)
     tp = fp = fn = 0
     s_right = s_total = s_tp = s_fp = s_fn = kept = 0
-    target_hits = target_top = targets = empty_neg = negs = 0
+    target_hits = target_top = lexical_top = targets = empty_neg = negs = 0
     top1 = ranked = 0
     rr = 0.0
     for q, group in zip(qids, scored, strict=True):
@@ -187,6 +187,10 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
                 targets += 1
                 target_hits += int(keep[gold].all())
                 target_top += int(gold[int(sent_scores.argmax())])  # threshold-free: best sentence is gold
+                # Context for target_top1: the sentence sharing most content words with the question.
+                q_words = content_words(r["question"])
+                overlap = [len(q_words & content_words(s.text)) for s in sents]
+                lexical_top += int(gold[int(np.argmax(overlap))])
             else:
                 negs += 1
                 empty_neg += int(not keep.any())
@@ -203,7 +207,7 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
             "sentence_accuracy": s_right / max(1, s_total), "sentence_f1": _f1(s_tp, s_fp, s_fn),
             "sentence_accuracy_drop_all": 1 - (s_tp + s_fn) / max(1, s_total),  # the trivial baseline
             "sentences_kept": kept / max(1, s_total), "target_kept": target_hits / max(1, targets),
-            "target_top1": target_top / max(1, targets),
+            "target_top1": target_top / max(1, targets), "target_top1_lexical": lexical_top / max(1, targets),
             "negatives_emptied": empty_neg / max(1, negs), "ranking_acc1": top1 / max(1, ranked),
             "ranking_mrr": rr / max(1, ranked), "ranked_questions": ranked}
 
@@ -237,8 +241,8 @@ def _check_args(epochs: int, batch_size: int, lr: float, max_length: int, dev_fr
 
 
 def train(
-    data_jsonl: str | Path, out_dir: str | Path, backbone: str = "minilm", epochs: int = 3,
-    batch_size: int = 32, lr: float = 5e-5, max_length: int = 256, device: str | None = None,
+    data_jsonl: str | Path, out_dir: str | Path, backbone: str = "minilm", epochs: int = 4,
+    batch_size: int = 32, lr: float = 1e-4, max_length: int = 256, device: str | None = None,
     seed: int = 0, fp16_save: bool = True, dev_fraction: float = 0.05, warmup_ratio: float = 0.1,
     weight_decay: float = 0.01, ranking_weight: float = 1.0, keep_weight: float = 1.0,
     log_every: int = 50, threshold: float = 0.1,
