@@ -48,6 +48,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def lm():
+    """The offline SmolLM2 in fp32 on CPU (loaded once per process by load_causal_lm's cache)."""
+    from ragcomp.models import load_causal_lm
+
+    try:
+        return load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    except (ImportError, OSError) as e:  # pragma: no cover - offline weights missing
+        pytest.skip(f"SmolLM2 weights unavailable: {e}")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL (redis://127.0.0.1:PORT/0) of a real redis-server started for this test session."""

@@ -41,16 +41,6 @@ class _Memo(ExitCompressor):
 
 
 @pytest.fixture(scope="module")
-def lm():
-    from ragcomp.models import load_causal_lm
-
-    try:
-        return load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
-    except (ImportError, OSError) as e:  # pragma: no cover - offline weights missing
-        pytest.skip(f"SmolLM2 weights unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def passages() -> list[Passage]:
     if not WIKI.exists():  # pragma: no cover
         pytest.skip(f"{WIKI} missing")

@@ -29,16 +29,6 @@ NEW = 3
 
 
 @pytest.fixture(scope="module")
-def lm():
-    from ragcomp.models import load_causal_lm
-
-    try:
-        return load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
-    except (ImportError, OSError) as e:  # pragma: no cover - offline weights missing
-        pytest.skip(f"SmolLM2 weights unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def kv(lm) -> KVCache:
     cache = KVCache(lm, "memory")
     cache.add(PASSAGES)
