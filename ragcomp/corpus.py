@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ragcomp.types import Passage
 
@@ -85,27 +88,34 @@ def _load_json_dict(path: Path) -> list[Passage]:
     return out
 
 
-def _load_jsonl(path: Path) -> list[Passage]:
-    out: list[Passage] = []
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a .jsonl (or .jsonl.gz) file; a
+    malformed line raises ValueError naming the file and line."""
+    gz = path.suffix == ".gz"
+    with (gzip.open(path, "rt", encoding="utf-8") if gz else path.open(encoding="utf-8")) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "id" not in rec or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: each line needs 'id' and a 'text' string")
-            pid = str(rec["id"])
-            if pid in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = lineno
-            if not rec["text"].strip():
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("id", "text")}
-            out.append(Passage(pid, rec["text"], None, meta))
+
+
+def _load_jsonl(path: Path) -> list[Passage]:
+    out: list[Passage] = []
+    seen: dict[str, int] = {}
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        if "id" not in rec or not isinstance(rec.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: each line needs 'id' and a 'text' string")
+        pid = str(rec["id"])
+        if pid in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        if not rec["text"].strip():
+            continue
+        meta = {k: v for k, v in rec.items() if k not in ("id", "text")}
+        out.append(Passage(pid, rec["text"], None, meta))
     return out

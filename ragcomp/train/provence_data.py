@@ -52,6 +52,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ragcomp.corpus import iter_jsonl
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.types import Passage
 
@@ -335,17 +336,10 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"training data {str(p)!r} does not exist "
                                 f"(write it with `python -m ragcomp.train provence-data --out {p}`)")
     out = []
-    with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else p.open(encoding="utf-8")) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: malformed JSON ({e.msg})") from None
-            _check_record(rec, f"{p}:{lineno}")
-            rec.setdefault("qid", f"line-{lineno}")
-            out.append(rec)
+    for lineno, rec in iter_jsonl(p):
+        _check_record(rec, f"{p}:{lineno}")
+        rec.setdefault("qid", f"line-{lineno}")
+        out.append(rec)
     if not out:
         raise ValueError(f"{p}: no training examples (the file is empty)")
     return out
