@@ -178,6 +178,30 @@ def test_kept_text_is_whole_sentences_verbatim_in_order(published: tuple[Path, d
         assert item.spans == sorted({*plain.spans, (first.start, first.end)} if plain.kept else [])
 
 
+def test_min_and_max_sentences_pick_best_scores_over_all_passages(published: tuple[Path, dict]) -> None:
+    scored = _comp(published[0]).score(QUERY, PASSAGES)
+    ranked = sorted(((s.sentence_scores[j], s.passage.id, j) for s in scored
+                     for j in range(len(s.sentences))), reverse=True)
+    spans = {s.passage.id: [(x.start, x.end) for x in s.sentences] for s in scored}
+
+    def kept(res) -> set[tuple[str, tuple[int, int]]]:
+        return {(c.passage.id, sp) for c in res.items for sp in c.spans}
+
+    def best(n: int) -> set[tuple[str, tuple[int, int]]]:
+        return {(pid, spans[pid][j]) for _, pid, j in ranked[:n]}
+
+    floor = _comp(published[0], threshold=1.0, min_sentences=2).compress(QUERY, PASSAGES)
+    assert not floor.empty and kept(floor) == best(2)  # threshold 1 keeps nothing; the floor adds 2
+    cap = _comp(published[0], threshold=0.0, max_sentences=3).compress(QUERY, PASSAGES)
+    assert kept(cap) == best(3)
+    both = _comp(published[0], threshold=0.0, min_sentences=1, max_sentences=len(ranked) + 5)
+    assert len(kept(both.compress(QUERY, PASSAGES))) == len(ranked)  # neither bound binds
+    with pytest.raises(ValueError, match="min_sentences \\(4\\) is above max_sentences \\(2\\)"):
+        ProvenceCompressor(str(published[0]), min_sentences=4, max_sentences=2)
+    with pytest.raises(ValueError, match="max_sentences must be an integer >= 1"):
+        ProvenceCompressor(str(published[0]), max_sentences=0)
+
+
 def test_rerank_follows_ranking_logits(published: tuple[Path, dict], tok) -> None:
     folder, state = published
     logits = {p.id: _reference(state, tok(QUERY, p.text)["input_ids"])[0] for p in PASSAGES}

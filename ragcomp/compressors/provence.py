@@ -24,6 +24,7 @@ import numpy as np
 
 from ragcomp._optional import require
 from ragcomp.base import Compressor, PassageLike, as_passages
+from ragcomp.compressors._common import check_fraction, check_int
 from ragcomp.models import default_device, resolve_dtype
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -65,7 +66,12 @@ class ProvenceCompressor(Compressor):
     the encoder input length in tokens (default: the model's, at most 512); `stride` is how many
     passage tokens consecutive windows share (default a quarter of the room). `always_select_title`
     keeps a passage's first sentence whenever another of its sentences is kept (published option).
-    `model` is a folder or hub id (our format or the published layout) or a `ProvenceModel`, then
+    `min_sentences` is a floor on recall: when fewer sentences than that pass the threshold over all
+    passages, the best-scoring others are added (0, the default, is the published adaptive rule that
+    may keep nothing); `max_sentences` caps the total, keeping the best-scoring ones.
+    `model` is "provence-minilm" (default: a MiniLM pruner trained here, shipped in the package),
+    a folder or hub id (our format or the published layout, e.g. "naver/provence-reranker-debertav3-v1")
+    or a `ProvenceModel`, then
     with `encoder_tokenizer`. `tokenizer` names the token counter for the result's statistics.
     """
 
@@ -73,11 +79,13 @@ class ProvenceCompressor(Compressor):
 
     def __init__(
         self,
-        model: Any = "naver/provence-reranker-debertav3-v1",
+        model: Any = "provence-minilm",
         threshold: float = 0.1,
         rerank: bool = True,
         top_k: int | None = None,
         always_select_title: bool = False,
+        min_sentences: int = 0,
+        max_sentences: int | None = None,
         window: int | None = None,
         stride: int | None = None,
         batch_size: int = 16,
@@ -88,21 +96,22 @@ class ProvenceCompressor(Compressor):
         separator: str = "\n\n",
     ) -> None:
         super().__init__(tokenizer, separator)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be an integer >= 0 or None, got {top_k!r}")
-        if window is not None and (not isinstance(window, int) or window < 8):
-            raise ValueError(f"window must be an integer >= 8 or None, got {window!r}")
-        if stride is not None and (not isinstance(stride, int) or stride < 0):
-            raise ValueError(f"stride must be an integer >= 0 or None, got {stride!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        threshold = check_fraction("threshold", threshold)
+        check_int("top_k", top_k, 0)
+        check_int("min_sentences", min_sentences, 0, allow_none=False)
+        check_int("max_sentences", max_sentences, 1)
+        if max_sentences is not None and min_sentences > max_sentences:
+            raise ValueError(f"min_sentences ({min_sentences}) is above max_sentences ({max_sentences})")
+        check_int("window", window, 8)
+        check_int("stride", stride, 0)
+        check_int("batch_size", batch_size, 1, allow_none=False)
         self.model = model if isinstance(model, str) else type(model).__name__
         self.threshold = float(threshold)
         self.rerank = rerank
         self.top_k = top_k
         self.always_select_title = always_select_title
+        self.min_sentences = min_sentences
+        self.max_sentences = max_sentences
         self.window = window
         self.stride = stride
         self.batch_size = batch_size
@@ -259,21 +268,43 @@ class ProvenceCompressor(Compressor):
         by_rank = sorted(range(len(scored)), key=lambda i: -math.inf if scored[i].ranking is None
                          else scored[i].ranking, reverse=True)  # stable: ties keep the input order
         allowed = set(by_rank if self.top_k is None else by_rank[: self.top_k])
+        allowed = {i for i in allowed if scored[i].ranking is not None}
+        keeps = {i: self._keep_mask(scored[i]) for i in allowed}
+        self._apply_counts(scored, keeps)
         items = []
         for i in by_rank if self.rerank else range(len(scored)):
             s = scored[i]
-            keep = s.sentence_scores > self.threshold
-            if self.threshold == 0.0:
-                keep[:] = True  # 0 keeps everything, even a probability that underflowed to 0
-            if self.always_select_title and keep[1:].any():
-                keep[0] = True
-            if s.ranking is None or i not in allowed or not keep.any():
+            keep = keeps.get(i)
+            if keep is None or not keep.any():
                 items.append(Compressed.dropped(s.passage, s.ranking))
                 continue
             kept = [sent for sent, k in zip(s.sentences, keep, strict=True) if k]
             text = self.span_separator.join(sent.text for sent in kept)  # type: ignore[union-attr]
             items.append(Compressed(s.passage, text, [(x.start, x.end) for x in kept], s.ranking, True))
         return items
+
+    def _keep_mask(self, s: PassageScores) -> np.ndarray:
+        keep = s.sentence_scores > self.threshold
+        if self.threshold == 0.0:
+            keep[:] = True  # 0 keeps everything, even a probability that underflowed to 0
+        if self.always_select_title and keep[1:].any():
+            keep[0] = True
+        return keep
+
+    def _apply_counts(self, scored: list[PassageScores], keeps: dict[int, np.ndarray]) -> None:
+        """Enforce min_sentences / max_sentences over all passages, by sentence score (in place)."""
+        kept = sum(int(k.sum()) for k in keeps.values())
+        if kept < self.min_sentences:
+            # Best-scoring sentences not yet kept, ties broken by the passage's ranking score.
+            spare = sorted(((scored[i].sentence_scores[j], scored[i].ranking, i, j)
+                            for i, k in keeps.items() for j in np.flatnonzero(~k)), reverse=True)
+            for *_, i, j in spare[: self.min_sentences - kept]:
+                keeps[i][j] = True
+        elif self.max_sentences is not None and kept > self.max_sentences:
+            ranked = sorted(((scored[i].sentence_scores[j], scored[i].ranking, i, j)
+                             for i, k in keeps.items() for j in np.flatnonzero(k)), reverse=True)
+            for *_, i, j in ranked[self.max_sentences:]:
+                keeps[i][j] = False
 
 
 def _tokenizer(name_or_path: str, net: Any) -> Any:

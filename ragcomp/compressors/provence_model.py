@@ -221,8 +221,16 @@ def map_published_keys(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Pruners that ship inside the package, by name (how each was trained: its folder's README.md).
+BUNDLED = {"provence-minilm": Path(__file__).resolve().parents[1] / "data" / "provence-minilm"}
+DEFAULT_MODEL = "provence-minilm"
+
+
 def resolve_folder(name_or_path: str | Path) -> Path:
-    """A local folder as is; otherwise the hub id's config, weights and tokenizer (never its code)."""
+    """A bundled name or local folder as is; otherwise the hub id's config, weights and tokenizer
+    (never its code)."""
+    if str(name_or_path) in BUNDLED:
+        return BUNDLED[str(name_or_path)]
     path = Path(name_or_path)
     if path.is_dir():
         return path
