@@ -242,4 +242,8 @@ def __getattr__(name: str) -> Any:
         from ragcomp.integrations import langchain_kv
 
         return langchain_kv.KVCacheRunnable
+    if name == "XragRunnable":  # lives in langchain_xrag (pulls in torch), re-exported likewise
+        from ragcomp.integrations import langchain_xrag
+
+        return langchain_xrag.XragRunnable
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

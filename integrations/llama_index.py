@@ -566,4 +566,8 @@ def __getattr__(name: str) -> Any:
         from ragcomp.integrations import llama_index_kv
 
         return getattr(llama_index_kv, name)
+    if name == "XragQueryEngine":  # lives in llama_index_xrag (pulls in torch), re-exported likewise
+        from ragcomp.integrations import llama_index_xrag
+
+        return llama_index_xrag.XragQueryEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

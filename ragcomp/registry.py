@@ -16,6 +16,9 @@ _BUILTIN: dict[str, str] = {
     "budget": "ragcomp.base:TokenBudget",
     "provence": "ragcomp.compressors.provence:ProvenceCompressor",
     "exit": "ragcomp.compressors.exit:ExitCompressor",
+    "recomp-abstractive": "ragcomp.compressors.recomp_abstractive:RecompAbstractive",
+    "lingua": "ragcomp.compressors.lingua:LinguaCompressor",
+    "xrag": "ragcomp.compressors.xrag:XragCompressor",
 }
 _USER: dict[str, type[Compressor]] = {}
 

@@ -230,3 +230,28 @@ def test_repair_options_and_refusal(kv: KVCache) -> None:
     first = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW, repair="first:4")
     assert first.stats.repaired_tokens == 8 and first.text
     assert isinstance(kv.engine, KVEngine)
+    # the question-attention selection gets the question's ids through generate()
+    by_question = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW,
+                              repair="attention:1.0")
+    assert by_question.token_ids == full.token_ids and by_question.stats.repaired_tokens == n_later
+
+
+ORDERS = [(QUESTION, ["nile", "everest", "eiffel"]),
+          ("Where does the Nile flow?", ["everest", "eiffel", "nile"]),
+          ("Which is the highest mountain?", ["eiffel", "nile", "everest"])]
+
+
+@pytest.mark.parametrize(("question", "order"), ORDERS)
+def test_repair_logits_full_recompute_exact_and_partial_closer(kv: KVCache, question: str,
+                                                               order: list[str]) -> None:
+    """Next-token logits on the same prompt ids: assembled KV differs from a full prefill
+    (chunks never saw each other); recomputing every later token gives the full prefill
+    back; recomputing the 30% of tokens whose keys deviate most brings it closer."""
+    from ragcomp.bench.kv_quality import first_token_logits, kl_divergence
+
+    _, ref = kv.engine.full_prefill(kv.prompt_ids(question, order))
+    kl = {r: kl_divergence(ref, first_token_logits(kv, question, order, r))
+          for r in ("none", "deviation:1.0", "attention:1.0", "deviation:0.3")}
+    assert kl["none"] > 1e-2  # the test can tell assembled KV from a full prefill
+    assert kl["deviation:1.0"] <= 1e-8 and kl["attention:1.0"] <= 1e-8
+    assert kl["deviation:0.3"] < 0.75 * kl["none"]

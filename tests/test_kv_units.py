@@ -135,8 +135,14 @@ def test_repair_spec_parsing() -> None:
     assert Repair.parse(None) is None and Repair.parse("none") is None
     assert Repair.parse("first:8") == Repair("first", tokens=8)
     assert Repair.parse("deviation:0.2") == Repair("deviation", share=0.2)
-    with pytest.raises(ValueError):
+    assert Repair.parse("attention:0.3") == Repair("attention", share=0.3)
+    assert str(Repair.parse("attention")) == "attention:0.15" and str(Repair.parse("first:4")) == "first:4"
+    with pytest.raises(ValueError, match="unknown repair 'sometimes'"):
         Repair.parse("sometimes")
+    with pytest.raises(ValueError, match="'lots' is not a number"):
+        Repair.parse("attention:lots")
+    with pytest.raises(ValueError, match="share within"):
+        Repair.parse("deviation:1.5")
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +180,28 @@ def test_tiny_model_assembly_and_full_repair_match_full_prefill(tiny: tuple[obje
     assert (got - ref).abs().max() < 1e-4
     first = eng.select_for_repair(eng.assemble(prefix, chunks), Repair("first", tokens=2))
     assert first == [9, 10, 12, 13]
+
+
+def test_tiny_model_question_attention_repair(tiny: tuple[object, object]) -> None:
+    model, _ = tiny
+    eng = KVEngine(model, "tiny")
+    prefix = eng.encode_prefix([1, 5, 9, 11])
+    chunks = eng.encode_chunks(prefix, [[20, 21, 22, 23, 24], [30, 31, 32], [40, 41, 42, 43]])
+    q = [7, 8, 9]
+    asm = eng.assemble(prefix, chunks)
+    _, ref = eng.full_prefill(asm.ids + q)
+    half = eng.select_for_repair(asm, Repair("attention", share=0.5), q)
+    assert len(half) == 4 and half == sorted(half) and set(half) <= set(range(9, 16))  # later chunks only
+    with pytest.raises(ValueError, match="question_ids"):
+        eng.select_for_repair(asm, Repair("attention", share=0.5))
+    everything = eng.select_for_repair(asm, Repair("attention", share=1.0), q)
+    assert everything == list(range(9, 16))
+    eng.repair(asm, everything)
+    assert (eng.prefill(eng.make_cache(asm.keys, asm.values), q, len(asm.ids)) - ref).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="within the 16 context tokens"):
+        eng.repair(asm, [3, 16])
+    # one chunk only: nothing to repair
+    assert eng.select_for_repair(eng.assemble(prefix, chunks[:1]), Repair("attention", share=1.0), q) == []
 
 
 def test_fingerprints_separate_model_dtype_prefix_text(tiny: tuple[object, object]) -> None:

@@ -6,7 +6,8 @@
 --part redis    loading the KV of retrieved chunks from Redis: RedisStore (chunked, pipelined,
                 parallel) against a plain redis-py GET of the same bytes; fp8 against native bytes.
 --part quality  on qa_dev questions with their top-k passages: how often the KV-assembled greedy
-                answer equals the full-prefill greedy answer, with and without each repair.
+                answer equals the full-prefill greedy answer, with and without each repair, and
+                the first answer token's KL from the full prefill (ragcomp/bench/kv_quality.py).
 --part gpu      random weights of real shapes (Qwen2.5-0.5B/1.5B, Llama-3-8B) at 4k/16k tokens:
                 TTFT from the pinned-CPU and GPU tiers against full prefill (needs CUDA; runs
                 without ragcomp.stores or a tokenizer: `python -m ragcomp.bench.kv --part gpu`).
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table
+from ragcomp.bench.kv_quality import bench_quality
+from ragcomp.bench.kv_redis import bench_redis
 
 QA_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "qa_dev.jsonl"
 
@@ -60,9 +63,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-questions", type=int, default=50, help="questions for --part quality")
     p.add_argument("--top-k", type=int, default=10, help="retrieved passages per question")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repairs", default="none,first:16,deviation:0.15")
+    p.add_argument("--quality-device", default=None, help="device for --part quality (default: cuda if any)")
+    p.add_argument("--quality-dtype", default="fp32",
+                   help="dtype for --part quality (fp32: differences come from chunk encoding only)")
+    p.add_argument("--repairs", default="none,first:16,deviation:0.15,attention:0.15,deviation:1.0",
+                   help="repairs for --part quality (deviation:1.0: full recompute, a sanity row)")
     p.add_argument("--qa", default=str(QA_DEFAULT), help="qa_dev.jsonl")
     p.add_argument("--redis-url", default=None, help="Redis to use (default: a throwaway local server)")
+    p.add_argument("--redis-rounds", type=int, default=9, help="timed rounds per storage kind (--part redis)")
     p.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama3-8b")
     p.add_argument("--contexts", default="4096,16384")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats per GPU case")
@@ -247,161 +255,27 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
     return rows
 
 
-# -- (b) Redis load throughput ------------------------------------------------------------------
-
-
-def bench_redis(args: argparse.Namespace, redis_url: str | None) -> list[dict[str, Any]]:
-    if not redis_url:
-        return []
-    redis = __import__("redis")
-    from ragcomp.kv.cache import KVCache
-    from ragcomp.kv.codec import decode_entry
-    from ragcomp.models import load_causal_lm
-    from ragcomp.stores.redis import RedisStore
-
-    lm = load_causal_lm(args.model)
-    qs = _questions(args.qa, 1)
-    ps = _retrieve(qs, args.top_k)[0]
-    plain = redis.Redis.from_url(redis_url)
-    rows = []
-    values: dict[str, list[bytes]] = {}
-    for storage in ("native", "fp8"):
-        kv = KVCache(lm, None, storage=storage)
-        kv.add(ps)
-        from ragcomp.kv.codec import encode_entry
-
-        values[storage] = [encode_entry(kv.tiers.cpu.get(kv._key(kv._fp(c))))
-                           for p in ps for c in kv.passage_chunks(p)]
-        kv.close()
-    for storage, blobs in values.items():
-        store = RedisStore(redis_url, prefix=f"ragcomp-bench-kvr-{storage}:")
-        keys = [f"k{i}" for i in range(len(blobs))]
-        for k, b in zip(keys, blobs, strict=True):
-            store.set(k, b)
-            plain.set(f"ragcomp-bench-plain:{storage}:{k}", b)
-        total = sum(len(b) for b in blobs)
-        t_store, t_plain, t_kv = [], [], []
-        for _ in range(5):
-            t = time.perf_counter()
-            for k in keys:
-                plain.get(f"ragcomp-bench-plain:{storage}:{k}")
-            t_plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for k in keys:
-                store.get(k)
-            t_store.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for k in keys:
-                decode_entry(store.get(k))  # what a KV load does: read + checksum + map tensors
-            t_kv.append(time.perf_counter() - t)
-        # What generate() does: every entry requested at once on the KV layer's I/O threads
-        # (store read + both checksums + mapping the tensors), no CPU tier in front.
-        kv = KVCache(lm, store, storage=storage, cpu_bytes=0)
-        entries = [decode_entry(b) for b in blobs]
-        t_par = []
-        for _ in range(5):
-            t = time.perf_counter()
-            futures = [kv.tiers._pool.submit(kv.tiers.load_from_store, k, e.fingerprint, e.ids, None, False)
-                       for k, e in zip(keys, entries, strict=True)]
-            assert all(f.result() is not None for f in futures)
-            t_par.append(time.perf_counter() - t)
-        kv.tiers.close()
-        gb = total / 1e9
-        rows.append({"what": f"{len(blobs)} chunk entries, {storage}", "MB": total / 1e6,
-                     "plain_GET_GBps": gb / _median(t_plain), "RedisStore_GBps": gb / _median(t_store),
-                     "x_vs_plain": _median(t_plain) / _median(t_store),
-                     "KV_load_GBps": gb / _median(t_kv),
-                     "KV_load_parallel_GBps": gb / _median(t_par),
-                     "parallel_x_vs_plain": _median(t_plain) / _median(t_par)})
-        store.clear()
-        store.close()
-        plain.delete(*[f"ragcomp-bench-plain:{storage}:{k}" for k in keys])
-    # One large value: the 16k-token KV of an 8B model is 2 GiB; 256 MiB keeps this quick.
-    big = os.urandom(256 << 20)
-    store = RedisStore(redis_url, prefix="ragcomp-bench-kvr-big:")
-    store.set("big", big)
-    plain.set("ragcomp-bench-plain:big", big)
-    t_store, t_plain = [], []
-    for _ in range(3):
-        t = time.perf_counter()
-        plain.get("ragcomp-bench-plain:big")
-        t_plain.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        store.get("big")
-        t_store.append(time.perf_counter() - t)
-    gb = len(big) / 1e9
-    rows.append({"what": "one 256 MiB value", "MB": len(big) / 1e6, "plain_GET_GBps": gb / _median(t_plain),
-                 "RedisStore_GBps": gb / _median(t_store), "x_vs_plain": _median(t_plain) / _median(t_store),
-                 "KV_load_GBps": None, "KV_load_parallel_GBps": None, "parallel_x_vs_plain": None})
-    store.clear()
-    store.close()
-    plain.delete("ragcomp-bench-plain:big")
-    plain.close()
-    native, fp8 = (sum(len(b) for b in values[s]) for s in ("native", "fp8"))
-    print_table(rows, f"Redis load (loopback, {os.cpu_count()} cores): RedisStore vs plain redis-py GET; "
-                f"fp8 entries are {fp8 / native:.3f} of fp32 ({2 * fp8 / native:.3f} of bf16)")
-    return rows
-
-
-# -- (c) answer agreement ------------------------------------------------------------------------
-
-
-def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from ragcomp.kv.cache import KVCache
-    from ragcomp.models import load_causal_lm
-
-    lm = load_causal_lm(args.model)
-    qs = _questions(args.qa, args.quality_questions)
-    retrieved = _retrieve(qs, args.top_k)
-    kv = KVCache(lm, None)
-    kv.add(list({p.id: p for ps in retrieved for p in ps}.values()))
-    repairs = [r.strip() for r in args.repairs.split(",") if r.strip()]
-    same = dict.fromkeys(repairs, 0)
-    same_first = dict.fromkeys(repairs, 0)
-    gold_hit = dict.fromkeys(["full prefill", *repairs], 0)
-    ttft = {r: [] for r in ["full prefill", *repairs]}
-    repaired = {r: [] for r in repairs}
-    t0 = time.perf_counter()
-    for i, (q, ps) in enumerate(zip(qs, retrieved, strict=True)):
-        full = kv.generate_full(q["question"], ps, max_new_tokens=args.max_new_tokens)
-        ttft["full prefill"].append(full.stats.ttft)
-        gold_hit["full prefill"] += _has_answer(full.text, q["answers"])
-        for r in repairs:
-            ans = kv.generate(q["question"], ps, max_new_tokens=args.max_new_tokens, repair=r)
-            same[r] += int(ans.token_ids == full.token_ids)
-            same_first[r] += int(ans.token_ids[:1] == full.token_ids[:1])
-            gold_hit[r] += _has_answer(ans.text, q["answers"])
-            ttft[r].append(ans.stats.ttft)
-            repaired[r].append(ans.stats.repaired_tokens)
-        print(f"\rquality: {i + 1}/{len(qs)} questions, {time.perf_counter() - t0:.0f} s", end="",
-              file=sys.stderr)
-    print(file=sys.stderr)
-    n = len(qs)
-    rows = [{"answer from": "full prefill", "same_answer_as_full": "-", "same_first_token": "-",
-             "contains_gold": f"{gold_hit['full prefill']}/{n}", "ttft_s": _median(ttft["full prefill"]),
-             "repaired_tokens": 0}]
-    for r in repairs:
-        rows.append({"answer from": f"KV, repair={r}",
-                     "same_answer_as_full": f"{same[r]}/{n} ({same[r] / n:.0%})",
-                     "same_first_token": f"{same_first[r]}/{n}", "contains_gold": f"{gold_hit[r]}/{n}",
-                     "ttft_s": _median(ttft[r]), "repaired_tokens": _median(repaired[r])})
-    print_table(rows, f"Answer agreement, {lm.name} greedy, {args.max_new_tokens} new tokens, "
-                f"first {n} qa_dev questions, top-{args.top_k} passages")
-    kv.close()
-    return rows
-
-
-def _has_answer(text: str, answers: list[str]) -> int:
-    norm = " ".join(text.lower().split())
-    return int(any(" ".join(a.lower().split()) in norm for a in answers))
-
-
 # -- (d) GPU, random weights of real shapes -------------------------------------------------------
+
+
+def random_model(shape: str, device: Any) -> tuple[Any, Any]:
+    """(model, config): random bf16 weights of one of GPU_SHAPES, built on `device`."""
+    import torch
+    import transformers
+
+    spec = dict(GPU_SHAPES[shape])
+    mtype, theta = spec.pop("model_type"), spec.pop("rope_theta")
+    cfg = transformers.AutoConfig.for_model(mtype, **spec, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": theta})
+    t = time.perf_counter()
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    print(f"{shape}: random weights in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    return model, cfg
 
 
 def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
-    import transformers
 
     from ragcomp.kv.codec import ChunkKV, quantize
     from ragcomp.kv.engine import KVEngine
@@ -430,15 +304,7 @@ def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
         return _median(times), out
 
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
-        spec = dict(GPU_SHAPES[shape])
-        mtype = spec.pop("model_type")
-        theta = spec.pop("rope_theta")
-        cfg = transformers.AutoConfig.for_model(mtype, **spec, rope_parameters={"rope_type": "default",
-                                                                                 "rope_theta": theta})
-        t = time.perf_counter()
-        with torch.device(dev):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-        print(f"{shape}: random weights in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        model, cfg = random_model(shape, dev)
         eng = KVEngine(model, shape)
         vocab = cfg.vocab_size
         prefix_ids = torch.randint(0, vocab, (p_len,), generator=g).tolist()
@@ -520,8 +386,18 @@ def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], tota
         _, logits = eng.full_prefill(full_ids)
         return logits
 
-    def streamed(src: list[Any]) -> Any:
-        return lambda: eng.prefill_streamed(prefix, src, q_ids, groups=groups)[2]
+    def streamed(src: list[Any], reserve: int | None = None) -> Any:
+        return lambda: eng.prefill_streamed(prefix, src, q_ids, groups=groups, reserve=reserve)[2]
+
+    def stock(fn: Any) -> Any:
+        def go() -> Any:  # transformers' own attention (repeat_kv) and cache (concatenation)
+            was, eng.fold = eng.fold, False
+            try:
+                return fn()
+            finally:
+                eng.fold = was
+
+        return go
 
     def chunk_by_chunk(src: list[Any]) -> Any:
         def go() -> Any:
@@ -535,6 +411,8 @@ def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], tota
     for name, src in sources.items():
         if not name.startswith("_"):
             times[name], logits[name] = timed(streamed(src), repeat)
+    name = "pinned-CPU tier, stock attention and cache"
+    times[name], logits[name] = timed(stock(streamed(sources["pinned-CPU tier"], reserve=0)), repeat)
     name = "pinned-CPU tier, chunk by chunk (no overlap)"
     times[name], logits[name] = timed(chunk_by_chunk(sources["_plain"]), repeat)
     a_s = eng.prefill_streamed(prefix, sources["pinned-CPU tier"], q_ids, groups=groups)[0]
@@ -542,11 +420,11 @@ def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], tota
     diff = max((a_s.keys - a_c.keys).abs().max().item(), (a_s.values - a_c.values).abs().max().item(),
                (logits["pinned-CPU tier"] - logits[name]).abs().max().item())
     del a_s, a_c
-    # Floor: the question alone on KV already assembled on the GPU (cache copy included).
-    ready = eng.assemble(prefix, sources["_plain"])
+    # Floor: the question alone on KV already assembled on the GPU, with room for its tokens.
+    ready = eng.assemble(prefix, sources["_plain"], reserve=len(q_ids))
     name = "floor: question on ready GPU KV"
     times[name], logits[name] = timed(
-        lambda: eng.prefill(eng.make_cache(ready.keys, ready.values), q_ids, total), repeat)
+        lambda: eng.prefill(eng.make_cache(ready.keys, ready.values, grow=True), q_ids, total), repeat)
     split: dict[str, float] = {}
     eng.prefill_streamed(prefix, sources["pinned-CPU tier"], q_ids, groups=groups, timings=split)
     first = {k: int(v.argmax()) for k, v in logits.items()}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from ragcomp._optional import require
 from ragcomp.base import Compressor
+from ragcomp.compressors._common import check_choice, check_fraction, check_int
 from ragcomp.models import CausalLM, default_device, load_causal_lm, resolve_dtype, resolve_model_path
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -112,15 +112,11 @@ class ExitCompressor(Compressor):
         separator: str = "\n\n",
     ) -> None:
         super().__init__(tokenizer, separator)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-                or math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for key, value, low in (("batch_size", batch_size, 1), ("max_sentences", max_sentences, 0),
-                                ("max_length", max_length, 64)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        threshold = check_fraction("threshold", threshold)
+        check_choice("method", method, METHODS)
+        check_int("batch_size", batch_size, 1, allow_none=False)
+        check_int("max_sentences", max_sentences, 0)
+        check_int("max_length", max_length, 64)
         if adapter is not None and isinstance(model, CausalLM):
             raise ValueError("pass a model name with `adapter`, not a loaded CausalLM (it would be modified)")
         self.model = model.name if isinstance(model, CausalLM) else model

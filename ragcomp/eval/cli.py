@@ -14,6 +14,7 @@ EXAMPLE = """examples:
   ragcomp eval --data qa.jsonl --method rerank,recomp-extractive --baseline \
       --sweep rerank.top_n=1,3,5 --sweep recomp-extractive.top_k=2,4,8 --plot sweep.png
   ragcomp eval --data qa.jsonl --method rerank --reader openai:gpt-4o-mini --base-url http://localhost:8000/v1
+  ragcomp eval --data qa.jsonl --retrieve-k 3 --method xrag --baseline --no-retrieval --reader smollm2-135m
 """
 
 
@@ -31,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter; KEY goes to every method that takes it, METHOD.KEY to one")
     p.add_argument("--baseline", action="store_true", help="also run the uncompressed top-k (method 'none')")
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="also run the closed-book row: the reader answers with no context "
+                   "(method 'no-retrieval')")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                    help="run each method that takes KEY (or METHOD.KEY) once per value; repeatable")
     p.add_argument("--reader", default="none",
@@ -61,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from ragcomp.eval.report import markdown, plot, write_json
     from ragcomp.eval.runner import evaluate
 
-    if not args.method and not args.baseline:
-        raise ValueError("give --method NAME (repeatable or a comma list) and/or --baseline")
+    if not args.method and not args.baseline and not args.no_retrieval:
+        raise ValueError("give --method NAME (repeatable or a comma list), --baseline and/or --no-retrieval")
     if args.plot:
         from ragcomp._optional import require
 
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             retrieve_k=args.retrieve_k, reader=reader, baseline=args.baseline, limit=args.limit,
             sweep=args.sweep, tokenizer=args.tokenizer, device=args.device, embedder=args.embedder,
             index_dir=args.index_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            progress=not args.quiet,
+            progress=not args.quiet, no_retrieval=args.no_retrieval,
         )
     text = markdown(report)
     print(text)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.base import Compressor
+from ragcomp.compressors.xrag_context import EmbeddingContext, note_text_fallback, reader_takes_embeddings
 from ragcomp.embeddings import CachedEmbedder
 from ragcomp.eval.data import Question, load_questions
 from ragcomp.eval.metrics import (
@@ -31,9 +32,11 @@ from ragcomp.llm import NoReader, Reader, load_reader
 from ragcomp.registry import compressor_class, load_compressor
 from ragcomp.stores.memory import MemoryStore
 from ragcomp.tokens import TokenCounter, get_counter
-from ragcomp.types import Passage
+from ragcomp.types import Compressed, Passage
 
 BASELINE = "none"  # method name of the uncompressed top-k context
+NO_RETRIEVAL = "no-retrieval"  # method name of the closed-book row: the reader gets no context
+_SPECIAL = (BASELINE, NO_RETRIEVAL)
 SEPARATOR = "\n\n"  # how the uncompressed passages are joined (the compressors' default too)
 STAGES = ("retrieve", "compress", "generate", "total")
 
@@ -50,6 +53,8 @@ class RunSpec:
     def label(self) -> str:
         if self.method == BASELINE:
             return "none (uncompressed)"
+        if self.method == NO_RETRIEVAL:
+            return "no retrieval"
         # Every parameter the user set, the swept one last: rows must say what they ran.
         shown = [(k, v) for k, v in self.params.items() if self.sweep is None or k != self.sweep[0]]
         if self.sweep is not None:
@@ -93,7 +98,7 @@ def _split_key(key: str, methods: Sequence[str]) -> tuple[str | None, str]:
     """'rerank.top_n' -> ('rerank', 'top_n'); a key without a method prefix -> (None, key)."""
     if "." in key:
         prefix, rest = key.split(".", 1)
-        if prefix in methods or prefix == BASELINE:
+        if prefix in methods or prefix in _SPECIAL:
             return prefix, rest
         raise ValueError(
             f"parameter {key!r} names method {prefix!r}, which is not among the methods run "
@@ -107,6 +112,7 @@ def plan_runs(
     params: Mapping[str, Any] | None = None,
     sweep: SweepSpec | Sequence[SweepSpec] | None = None,
     baseline: bool = False,
+    no_retrieval: bool = False,
 ) -> list[RunSpec]:
     """Expand methods x sweep values into rows, routing parameters to the methods that take them.
 
@@ -117,16 +123,18 @@ def plan_runs(
     methods = list(dict.fromkeys(methods))  # de-duplicate, keep order
     if baseline and BASELINE not in methods:
         methods.insert(0, BASELINE)
+    if no_retrieval and NO_RETRIEVAL not in methods:
+        methods.insert(0, NO_RETRIEVAL)
     if not methods:
         raise ValueError("no method to evaluate: give --method NAME and/or --baseline")
-    real = [m for m in methods if m != BASELINE]
+    real = [m for m in methods if m not in _SPECIAL]
     for m in real:
         compressor_class(m)  # unknown names fail here, with a suggestion
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for key, value in (params or {}).items():
         target, name = _split_key(key, methods)
-        if target == BASELINE:
-            raise ValueError(f"the uncompressed baseline takes no parameters (got {key!r})")
+        if target in _SPECIAL:
+            raise ValueError(f"the {target!r} row takes no parameters (got {key!r})")
         targets = [target] if target else [m for m in real if _accepts(m, name)]
         if not targets:
             raise ValueError(f"no method among {', '.join(methods)} accepts parameter {name!r}")
@@ -137,8 +145,8 @@ def plan_runs(
     swept: dict[str, tuple[str, list[Any]]] = {}
     for key, values in parse_sweep(sweep):
         target, name = _split_key(key, methods)
-        if target == BASELINE:
-            raise ValueError("the uncompressed baseline cannot be swept")
+        if target in _SPECIAL:
+            raise ValueError(f"the {target!r} row cannot be swept")
         if target is not None and not _accepts(target, name):
             raise ValueError(f"method {target!r} does not accept sweep key {name!r}")
         targets = [target] if target else [m for m in real if _accepts(m, name)]
@@ -159,10 +167,26 @@ def plan_runs(
     return runs
 
 
-def _build_compressor(spec: RunSpec, tokenizer: str, device: str | None) -> Compressor | None:
+class NoContext(Compressor):
+    """The closed-book row: every passage dropped, so the reader answers without context."""
+
+    name = NO_RETRIEVAL
+
+    def _compress(self, query: str, passages: list[Passage]) -> list[Compressed]:
+        return [Compressed.dropped(p, p.score) for p in passages]
+
+
+def _build_compressor(spec: RunSpec, tokenizer: str, device: str | None,
+                      retriever: Any = None) -> Compressor | None:
     if spec.method == BASELINE:
         return None
+    if spec.method == NO_RETRIEVAL:
+        return NoContext(tokenizer)
     params = dict(spec.params)
+    # Methods that reuse the retriever's document vectors (xrag) get its index.
+    index = getattr(retriever, "index", None)
+    if index is not None and "vector_index" not in params and _accepts(spec.method, "vector_index"):
+        params["vector_index"] = index
     # Budgets inside a method must be in the reader's tokens, like the report's counts.
     if "tokenizer" not in params and _accepts(spec.method, "tokenizer"):
         params["tokenizer"] = tokenizer
@@ -194,6 +218,7 @@ def evaluate(
     baseline: bool = False,
     limit: int | None = None,
     *,
+    no_retrieval: bool = False,
     sweep: SweepSpec | Sequence[SweepSpec] | None = None,
     base_url: str | None = None,
     tokenizer: str | None = None,
@@ -227,7 +252,7 @@ def evaluate(
     for msg in notes:  # re-emit once for callers that watch warnings
         warnings.warn(msg, UserWarning, stacklevel=2)
     sweeps = parse_sweep(sweep)
-    runs = plan_runs(methods, params, sweeps, baseline)
+    runs = plan_runs(methods, params, sweeps, baseline, no_retrieval)
 
     # The reader first: a wrong URL or missing weights must fail before minutes of indexing.
     rdr = load_reader(reader, base_url=base_url, device=device, tokenizer=tokenizer,
@@ -235,6 +260,8 @@ def evaluate(
     rdr.check()
     counter: TokenCounter = get_counter(rdr.tokenizer)
     generates = not isinstance(rdr, NoReader)
+    # xrag contexts count as one token per document unless a generating reader reads their text.
+    takes_embeddings = reader_takes_embeddings(rdr) or not generates
 
     if retriever is None:
         from ragcomp.retrieval import CorpusRetriever
@@ -280,13 +307,14 @@ def evaluate(
     for spec in runs:
         t0 = time.perf_counter()
         _cold_cache(retriever, questions)
-        comp = _build_compressor(spec, rdr.tokenizer, device)
+        comp = _build_compressor(spec, rdr.tokenizer, device, retriever)
         per_q = []
         bar = _progress(range(len(questions)), len(questions), spec.label, progress)
         bar_iter = iter(bar)
         for start in range(0, len(questions), batch_size):
             idx = range(start, min(start + batch_size, len(questions)))
-            recs = [_compress_one(questions[qi], retrieved[qi], base[qi], comp, counter) for qi in idx]
+            recs = [_compress_one(questions[qi], retrieved[qi], base[qi], comp, counter, takes_embeddings)
+                    for qi in idx]
             if generates:
                 _read_batch(recs, rdr)
             for qi, rec in zip(idx, recs, strict=True):
@@ -355,7 +383,8 @@ def _method_list(method: str | Sequence[str]) -> list[str]:
 
 
 def _compress_one(
-    q: Question, passages: list[Passage], base: dict[str, Any], comp: Compressor | None, counter: TokenCounter
+    q: Question, passages: list[Passage], base: dict[str, Any], comp: Compressor | None,
+    counter: TokenCounter, takes_embeddings: bool = False,
 ) -> dict[str, Any]:
     """Compress one question's passages; the first half of its record."""
     t = time.perf_counter()
@@ -364,15 +393,26 @@ def _compress_one(
     else:
         res = comp.compress(q.question, passages)
         context, empty, kept = res.context, res.empty, [c.passage.id for c in res.kept]
-    return {"question": q.question, "context": context, "empty": bool(empty), "kept": kept,
-            "retrieved": [p.id for p in passages], "compress_ms": (time.perf_counter() - t) * 1000,
-            "tokens_out": counter.count(context) if context else 0, "prediction": None, "generate_ms": None}
+    tokens_out = counter.count(context) if context else 0
+    text_seen = context
+    if isinstance(context, EmbeddingContext) and takes_embeddings:
+        tokens_out = context.n_docs  # the reader sees one token per document
+        text_seen = ""  # and no text: evidence and answers in context count as not kept
+    return {"question": q.question, "context": context, "text_seen": text_seen, "empty": bool(empty),
+            "kept": kept, "retrieved": [p.id for p in passages],
+            "compress_ms": (time.perf_counter() - t) * 1000, "tokens_out": tokens_out, "prediction": None,
+            "generate_ms": None}
 
 
 def _read_batch(recs: list[dict[str, Any]], reader: Reader) -> None:
     """Answer a batch of compressed questions; each gets the batch's time over its size."""
     # Selective augmentation: an empty result means answer without context.
     items = [(r["question"], r["context"] if r["context"] and not r["empty"] else None) for r in recs]
+    if not reader_takes_embeddings(reader):  # xrag on a text-only reader: its text fallback, said once
+        for i, (question, ctx) in enumerate(items):
+            if isinstance(ctx, EmbeddingContext):
+                note_text_fallback(reader.name, ctx)
+                items[i] = (question, str(ctx))
     t = time.perf_counter()
     predictions = reader.answer_batch(items)
     per_ms = (time.perf_counter() - t) * 1000 / len(recs)
@@ -386,7 +426,7 @@ def _finish(
     rec: dict[str, Any], q: Question, base: dict[str, Any], retrieve_ms: float, generates: bool
 ) -> dict[str, Any]:
     """Score one question: the report's per-question record."""
-    context, prediction = rec["context"], rec["prediction"]
+    context, prediction = rec.get("text_seen", rec["context"]), rec["prediction"]
     compress_ms, generate_ms = rec["compress_ms"], rec["generate_ms"]
     in_ctx = evidence_present(context, q.evidence)
     ev_retr = base["evidence_in_retrieved"]

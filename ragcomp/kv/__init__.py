@@ -14,6 +14,10 @@ def __getattr__(name: str) -> object:
         from ragcomp.kv.cache import KVCache
 
         return KVCache
+    if name in ("LongDocuments", "LongDocument", "PageStats"):  # KV page retrieval (long documents)
+        from ragcomp.kv import pages
+
+        return getattr(pages, name)
     raise AttributeError(name)
 
 
@@ -28,6 +32,9 @@ __all__ = [
     "KVCache",
     "KVEngine",
     "KVStats",
+    "LongDocument",
+    "LongDocuments",
+    "PageStats",
     "Repair",
     "UnsupportedModelError",
     "check_movable",

@@ -54,7 +54,8 @@ class KVCache:
         store: "memory", "disk:DIR", "redis://HOST:PORT/DB", or any `ByteStore`.
         storage: how chunk KV is kept: "native" (model dtype), "bf16", "fp16", "fp8", "int8".
         gpu_bytes, cpu_bytes: bounds of the two LRU tiers (the GPU tier exists on CUDA only).
-        repair: default repair for `generate`: None, "first:N" or "deviation:SHARE".
+        repair: default repair for `generate`: None, "first:N", "deviation:SHARE" or
+            "attention:SHARE" (see `ragcomp.kv.repair`).
         max_chunk_tokens: longer passages are split into several cached chunks.
         verify: check each stored entry's checksum on read (always on for untrusted stores).
     """
@@ -315,7 +316,8 @@ class KVCache:
             # forward pass; rotation and copies are inside seconds_prefill_question.
             chunks = [fetch(i) for i in range(len(chunk_ids))]
             t = time.perf_counter()
-            asm, cache, logits = self.engine.prefill_streamed(prefix, chunks, q_ids)
+            asm, cache, logits = self.engine.prefill_streamed(prefix, chunks, q_ids,
+                                                              reserve=len(q_ids) + max_new_tokens)
         else:
             def getter(i: int) -> Any:
                 return lambda: self.tiers.to_gpu(keys[i], fetch(i))
@@ -325,15 +327,16 @@ class KVCache:
 
             # Store reads of later chunks overlap rotating earlier ones.
             asm = self.engine.assemble(prefix, [getter(i) for i in range(len(chunk_ids))],
-                                       [len(c) for c in chunk_ids], on_rotate)
+                                       [len(c) for c in chunk_ids], on_rotate,
+                                       reserve=len(q_ids) + max_new_tokens)
             if rep is not None:
                 t = time.perf_counter()
-                chosen = self.engine.select_for_repair(asm, rep)
+                chosen = self.engine.select_for_repair(asm, rep, q_ids)
                 self.engine.repair(asm, chosen)
                 stats.repaired_tokens = len(chosen)
                 stats.seconds_repair = time.perf_counter() - t
             t = time.perf_counter()
-            cache = self.engine.make_cache(asm.keys, asm.values)
+            cache = self.engine.make_cache(asm.keys, asm.values, grow=True)
             logits = self.engine.prefill(cache, q_ids, total)
         int(logits.argmax())  # the first token exists once its logits are reduced (syncs a GPU)
         stats.seconds_prefill_question = time.perf_counter() - t
@@ -370,6 +373,28 @@ class KVCache:
         stats.seconds_decode = time.perf_counter() - t
         stats.new_tokens = len(out)
         return KVAnswer(self.tokenizer.decode(out, skip_special_tokens=True).strip(), out, ids, stats)
+
+    # -- long documents (KV page retrieval, ragcomp.kv.pages) --------------------------------
+    def long_documents(self, **options: Any) -> Any:
+        """The `LongDocuments` of this cache (created on first use; `options` apply then:
+        prefill_chunk, score_layers, embedder)."""
+        if getattr(self, "_long", None) is None:
+            from ragcomp.kv.pages import LongDocuments
+
+            self._long = LongDocuments(self, **options)
+        elif options:
+            raise ValueError("long_documents() options can only be set on first use")
+        return self._long
+
+    def add_long(self, document_id: str, text: str | Sequence[int], page_tokens: int = 64,
+                 keep: bool = True) -> Any:
+        """Encode a long document once (chunked prefill) and keep it as KV pages."""
+        return self.long_documents().add(document_id, text, page_tokens=page_tokens, keep=keep)
+
+    def ask_long(self, question: str, document_id: str, page_budget_tokens: int | None = 1024,
+                 scoring: str = "hybrid", max_new_tokens: int = 64) -> KVAnswer:
+        """Answer from the document's best KV pages (see `ragcomp.kv.pages`)."""
+        return self.long_documents().ask(question, document_id, page_budget_tokens, scoring, max_new_tokens)
 
     def _count_prefix(self, stats: KVStats, prefix: ChunkKV) -> None:
         tier = "gpu" if prefix.device.type == "cuda" else "cpu"

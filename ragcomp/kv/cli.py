@@ -2,6 +2,7 @@
 
     ragcomp kv precompute --store disk:/tmp/kv --limit 500
     ragcomp kv ask "Who painted the Mona Lisa?" --store disk:/tmp/kv --top-k 10 --compare
+    ragcomp kv ask "Who signed the treaty?" --long report.txt --page-budget 1024 --compare
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--ids", default=None, help="comma-separated passage ids (else retrieve --top-k)")
     ask.add_argument("--top-k", type=int, default=10)
     ask.add_argument("--max-new-tokens", type=int, default=64)
-    ask.add_argument("--repair", default="none", help="none | first:N | deviation:SHARE")
+    ask.add_argument("--repair", default="none", help="none | first:N | deviation:SHARE | attention:SHARE")
     ask.add_argument("--compare", action="store_true", help="also answer by full prefill and compare")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.add_argument("--long", default=None, metavar="FILE",
+                     help="answer from the best KV pages of this long text file (encoded once, by --doc-id)")
+    ask.add_argument("--doc-id", default=None, help="--long: the document's id (default: file name)")
+    ask.add_argument("--page-budget", type=int, default=1024, help="--long: page tokens kept (0: every page)")
+    ask.add_argument("--page-tokens", type=int, default=64, help="--long: tokens per page")
+    ask.add_argument("--scoring", default="hybrid", choices=["attention", "embedding", "hybrid"])
     ask.set_defaults(func=_ask)
 
 
@@ -93,6 +100,8 @@ def _precompute(args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace) -> int:
     from ragcomp.types import Passage
 
+    if args.long:
+        return _ask_long(args)
     kv = _open(args)
     items: list[Passage | str]
     if args.ids:
@@ -123,6 +132,42 @@ def _ask(args: argparse.Namespace) -> int:
               f"{s.seconds_prefill_question:.3f}); decode {s.seconds_decode:.3f} s", file=sys.stderr)
         if args.compare:
             print(f"-- full prefill: ttft {out['full_prefill_ttft']:.3f} s ({out['ttft_ratio']:.1f}x); "
+                  f"same answer: {out['same_answer']}", file=sys.stderr)
+    kv.close()
+    return 0
+
+
+def _ask_long(args: argparse.Namespace) -> int:
+    """`ragcomp kv ask --long FILE`: KV page retrieval over one long document."""
+    from pathlib import Path
+
+    path = Path(args.long)
+    if not path.is_file():
+        raise FileNotFoundError(f"--long {args.long}: no such file")
+    kv = _open(args)
+    doc_id = args.doc_id or path.name
+    kv.add_long(doc_id, path.read_text(encoding="utf-8"), page_tokens=args.page_tokens)
+    budget = args.page_budget if args.page_budget > 0 else None
+    ans = kv.ask_long(args.question, doc_id, budget, scoring=args.scoring, max_new_tokens=args.max_new_tokens)
+    s = ans.stats
+    out: dict[str, Any] = {"question": args.question, "answer": ans.text, "document": doc_id,
+                           "stats": {**s.to_dict(), "bytes_touched": s.bytes_touched}}
+    if args.compare and budget is not None:
+        full = kv.ask_long(args.question, doc_id, None, max_new_tokens=args.max_new_tokens)
+        out["full_context_answer"] = full.text
+        out["same_answer"] = full.token_ids == ans.token_ids
+        out["full_context_ttft"] = full.stats.ttft
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(ans.text)
+        print(f"-- {s.pages_kept}/{s.pages_total} pages ({s.kept_tokens}/{s.document_tokens} tokens, "
+              f"{s.scoring}); read {s.bytes_touched / 1e6:.1f} MB of {s.bytes_all_pages / 1e6:.1f} MB; "
+              f"ttft {s.ttft:.3f} s (score {s.seconds_score:.3f}, load {s.seconds_load:.3f}, rotate "
+              f"{s.seconds_rotate:.3f}, question {s.seconds_prefill_question:.3f}); decode "
+              f"{s.seconds_decode:.3f} s", file=sys.stderr)
+        if "full_context_answer" in out:
+            print(f"-- full context: {out['full_context_answer']!r} (ttft {out['full_context_ttft']:.3f} s); "
                   f"same answer: {out['same_answer']}", file=sys.stderr)
     kv.close()
     return 0

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from ragcomp._optional import require
+from ragcomp.kv.attention import folded_attention, growing_layer_class
 from ragcomp.kv.codec import ChunkKV, quantize
 from ragcomp.kv.fingerprint import chunk_fingerprint, ids_hash, model_fingerprint
+from ragcomp.kv.repair import Repair, recompute, select
 from ragcomp.kv.rope import rope_spec, rotation
 
 
@@ -56,47 +58,19 @@ def _record(torch: Any, stream: Any) -> Any:
     return ev
 
 
+def _room(t: Any) -> Any:
+    """The [1, heads, capacity, dim] buffer behind a [1, heads, tokens, dim] view that has room
+    after its tokens (its head stride spans more than its tokens), else None."""
+    if t.dim() != 4 or t.shape[0] != 1 or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        return None
+    capacity = t.stride(-3) // t.shape[-1]
+    if t.shape[1] > 1 and capacity > t.shape[-2]:
+        return t.as_strided((1, t.shape[1], capacity, t.shape[-1]), t.stride())
+    return None
+
+
 class _StopForward(Exception):
     """Raised from a forward hook to end a forward pass early (after the layers we need)."""
-
-
-@dataclass
-class Repair:
-    """How to repair attention between independently encoded chunks.
-
-    mode "first": recompute the first `tokens` tokens of every chunk after the first
-    (their keys then see the chunks before them). mode "deviation" (CacheBlend-style):
-    recompute layer 0-1 for the whole context, and fully recompute the `share` of chunk
-    tokens whose layer-1 keys deviate most from the cached ones.
-    """
-
-    mode: str
-    tokens: int = 16
-    share: float = 0.15
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("first", "deviation"):
-            raise ValueError(f"repair mode must be 'first' or 'deviation', got {self.mode!r}")
-        if self.tokens < 0 or not 0.0 <= self.share <= 1.0:
-            raise ValueError("repair tokens must be >= 0 and share within [0, 1]")
-
-    @classmethod
-    def parse(cls, spec: str | Repair | None) -> Repair | None:
-        """None, a Repair, or text: 'none', 'first:16', 'deviation:0.15'."""
-        if spec is None or isinstance(spec, Repair):
-            return spec
-        spec = spec.strip().lower()
-        if spec in ("", "none", "off"):
-            return None
-        mode, _, arg = spec.partition(":")
-        if mode == "first":
-            return cls("first", tokens=int(arg or 16))
-        if mode in ("deviation", "blend", "cacheblend"):
-            return cls("deviation", share=float(arg or 0.15))
-        raise ValueError(f"unknown repair {spec!r}: use 'none', 'first:N' or 'deviation:SHARE'")
-
-    def __str__(self) -> str:
-        return f"first:{self.tokens}" if self.mode == "first" else f"deviation:{self.share:g}"
 
 
 @dataclass
@@ -112,7 +86,8 @@ class Assembled:
 class KVEngine:
     """Encode and reuse chunk KV for one loaded model (thread-safe through `lock`)."""
 
-    def __init__(self, model: Any, name: str, storage: str = "native", lock: Any = None) -> None:
+    def __init__(self, model: Any, name: str, storage: str = "native", lock: Any = None,
+                 folded_attention: bool | None = None) -> None:
         self.torch = require("torch", "models")
         self.model = model
         cfg = model.config
@@ -134,6 +109,8 @@ class KVEngine:
         uses_window = getattr(self.config, "use_sliding_window", True)
         self.window = int(window) if window and uses_window else None
         self.attn_impl = getattr(self.config, "_attn_implementation", "sdpa") or "sdpa"
+        # Folded-GQA attention (ragcomp/kv/attention.py) on by default where it pays: on a GPU.
+        self.fold = self.device.type == "cuda" if folded_attention is None else bool(folded_attention)
 
     # -- fingerprints ----------------------------------------------------------------------
     def fingerprint(self, prefix_ids: Sequence[int], ids: Sequence[int], storage: str | None = None) -> str:
@@ -152,24 +129,40 @@ class KVEngine:
             )
 
     # -- caches ----------------------------------------------------------------------------
-    def make_cache(self, keys: Any = None, values: Any = None, batch: int = 1) -> Any:
-        """A DynamicCache over [layers, heads, tokens, dim] buffers, without copying them."""
+    def make_cache(self, keys: Any = None, values: Any = None, batch: int = 1, grow: bool = False) -> Any:
+        """A DynamicCache over [layers, heads, tokens, dim] buffers, without copying them.
+
+        `grow=True` only for buffers from `new_buffers(total, reserve)` (or `assemble(...,
+        reserve=)`): new tokens are then written into the reserved room after them. Never for
+        a slice of a longer context, whose next tokens that would overwrite."""
         transformers = require("transformers", "models")
         cache = transformers.DynamicCache()
         if keys is not None:
             for i in range(self.num_layers):
                 self.adopt(cache, i, keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
-                           values[i].unsqueeze(0).expand(batch, -1, -1, -1))
+                           values[i].unsqueeze(0).expand(batch, -1, -1, -1), grow=grow)
         return cache
 
-    def adopt(self, cache: Any, layer: int, k: Any, v: Any) -> None:
+    def adopt(self, cache: Any, layer: int, k: Any, v: Any, grow: bool = False) -> None:
         """Make `k`/`v` [batch, heads, tokens, dim] layer `layer` of `cache` without a copy.
 
         `DynamicCache.update` would concatenate, i.e. copy the whole context once more
         (gigabytes at 16k tokens of an 8B model). An empty update creates and initialises
         the layer the supported way; the tensors are then handed over. Where a transformers
         version lays its layers out differently, this falls back to `update` (a copy).
+        `grow`: see `make_cache`.
         """
+        layers = getattr(cache, "layers", None)
+        room = (_room(k), _room(v)) if grow else (None, None)
+        if isinstance(layers, list) and layer <= len(layers) and room[0] is not None and room[1] is not None:
+            # Buffers with spare room after the context (new_buffers(reserve=...)): new tokens
+            # are written there instead of concatenated onto a copy of the whole context.
+            grown = growing_layer_class()(room[0], room[1], k.shape[-2])
+            if layer == len(layers):
+                layers.append(grown)
+            else:
+                layers[layer] = grown
+            return
         cache.update(k[:, :, :0], v[:, :, :0], layer)
         lay = cache.layers[layer] if hasattr(cache, "layers") else None
         if lay is not None and getattr(lay, "keys", None) is not None and lay.keys.shape[-2] == 0:
@@ -243,10 +236,13 @@ class KVEngine:
         return [c for c in out if c is not None]
 
     # -- assembling ------------------------------------------------------------------------
-    def new_buffers(self, total: int) -> tuple[Any, Any]:
-        shape = (self.num_layers, self.kv_heads, total, self.head_dim)
-        return (self.torch.empty(shape, dtype=self.dtype, device=self.device),
-                self.torch.empty(shape, dtype=self.dtype, device=self.device))
+    def new_buffers(self, total: int, reserve: int = 0) -> tuple[Any, Any]:
+        """[layers, heads, total, dim] key and value buffers; with `reserve`, views of buffers
+        `reserve` tokens longer, whose room a cache made over them fills before concatenating."""
+        shape = (self.num_layers, self.kv_heads, total + max(0, reserve), self.head_dim)
+        k = self.torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = self.torch.empty(shape, dtype=self.dtype, device=self.device)
+        return (k[:, :, :total], v[:, :, :total]) if reserve > 0 else (k, v)
 
     def place(self, keys: Any, values: Any, chunk: ChunkKV, start: int) -> None:
         """Write `chunk` into the buffers at `start`, keys rotated from chunk.base (fp32 math)."""
@@ -272,13 +268,14 @@ class KVEngine:
 
     def assemble(self, prefix: ChunkKV, chunks: Sequence[ChunkKV | Callable[[], ChunkKV]],
                  lengths: Sequence[int] | None = None,
-                 on_rotate: Callable[[float], None] | None = None) -> Assembled:
+                 on_rotate: Callable[[float], None] | None = None, reserve: int = 0) -> Assembled:
         """Prefix + chunks laid end to end. Items may be callables returning the chunk, so
-        loading the next chunk overlaps rotating this one; `lengths` then sizes the buffers."""
+        loading the next chunk overlaps rotating this one; `lengths` then sizes the buffers.
+        `reserve`: room for that many question and answer tokens after the context."""
         if lengths is None:
             lengths = [len(c) for c in chunks]  # type: ignore[arg-type]
         total = len(prefix) + sum(lengths)
-        keys, values = self.new_buffers(total)
+        keys, values = self.new_buffers(total, reserve)
         with self.torch.inference_mode():
             self.place(keys, values, prefix, 0)
             ids = list(prefix.ids)
@@ -299,7 +296,7 @@ class KVEngine:
 
     # -- streamed assembly (GPU): copies overlap the question's forward pass ---------------
     def prefill_streamed(self, prefix: ChunkKV, chunks: Sequence[ChunkKV], q_ids: Sequence[int],
-                         groups: int = 8, timings: dict[str, float] | None = None
+                         groups: int = 8, timings: dict[str, float] | None = None, reserve: int | None = None
                          ) -> tuple[Assembled, Any, Any]:
         """Assemble and prefill the question in one go: (assembled, cache, next-token logits).
 
@@ -310,7 +307,8 @@ class KVEngine:
         just before the group's first layer. So the copy engine moves group g+1 while group
         g is rotated and while the question runs through earlier layers. The arithmetic is
         the same as `assemble` + `prefill`, operation for operation. On a CPU the same steps
-        simply run in order.
+        simply run in order. `reserve` (default: the question's length) is room kept after the
+        context for the question and answer tokens (see `new_buffers`).
         """
         torch = self.torch
         t_start = time.perf_counter()
@@ -318,7 +316,7 @@ class KVEngine:
         lens = [len(c) for c in chunks]
         plen, tc = len(prefix), sum(lens)
         total = plen + tc
-        keys, values = self.new_buffers(total)
+        keys, values = self.new_buffers(total, len(q_ids) if reserve is None else reserve)
         ids = list(prefix.ids)
         spans = [(0, plen)]
         pos = plen
@@ -389,7 +387,7 @@ class KVEngine:
                         self._rotate_group(staged, rows[g], g, tc, cos, sin,
                                            keys[a:b, :, plen:], values[a:b, :, plen:])
                     for layer in range(a, b):
-                        self.adopt(cache, layer, keys[layer][None], values[layer][None])
+                        self.adopt(cache, layer, keys[layer][None], values[layer][None], grow=True)
                         lay = cache.layers[layer]
                         if cuda and lay.keys.data_ptr() != keys[layer].data_ptr():
                             # adopt fell back to a copy made here: the main stream reads it next,
@@ -476,82 +474,22 @@ class KVEngine:
         _rotate_into(torch, k, cos, sin, k_out)
         v_out.copy_(v)
 
-    # -- repair ----------------------------------------------------------------------------
-    def select_for_repair(self, asm: Assembled, repair: Repair) -> list[int]:
+    # -- repair (ragcomp.kv.repair) ---------------------------------------------------------
+    def select_for_repair(self, asm: Assembled, repair: Repair,
+                          question_ids: Sequence[int] | None = None) -> list[int]:
         """Positions to recompute. The prefix and the first chunk are already exact."""
-        torch = self.torch
-        candidates = [p for s, e in asm.spans[2:] for p in range(s, e)]
-        if not candidates:
-            return []
-        if repair.mode == "first":
-            return [p for s, e in asm.spans[2:] for p in range(s, min(e, s + repair.tokens))]
-        n = round(repair.share * len(candidates))
-        if n == 0:
-            return []
-        if self.num_layers < 2:
-            return candidates[:n]
-        # Layer-1 keys with full attention: embed + two layers over the whole context, then stop.
-        cache = self.make_cache()
-
-        def stop(*_: Any) -> None:
-            raise _StopForward
-
-        # The hook lives on the shared model: attach it only while holding the model's lock.
-        with self.lock, torch.inference_mode():
-            handle = self.decoder.layers[1].register_forward_hook(stop)
-            try:
-                self.decoder(input_ids=torch.tensor([asm.ids], device=self.device), past_key_values=cache,
-                             position_ids=self._positions(0, len(asm.ids)), use_cache=True)
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
-        fresh = cache.layers[1].keys[0].to(torch.float32)  # [heads, tokens, dim]
-        cand = torch.tensor(candidates, device=self.device)
-        dev = (fresh[:, cand] - asm.keys[1][:, cand].to(torch.float32)).norm(dim=-1).sum(0)
-        top = torch.topk(dev, n).indices
-        return sorted(cand[top].tolist())
+        return select(self, asm, repair, question_ids)
 
     def repair(self, asm: Assembled, positions: Sequence[int]) -> None:
-        """Recompute KV at `positions` in one forward pass, in place.
-
-        The selected tokens are appended after the context with their own positions and a
-        4-D mask: each attends to the cached tokens before it that are not selected, and to
-        the selected tokens at or before it (CacheBlend's partial recompute). Their fresh
-        keys and values then overwrite the cached ones.
-        """
-        if not positions:
-            return
-        torch = self.torch
-        if self.attn_impl.startswith("flash"):
-            raise ValueError("repair needs an attention implementation with custom masks (sdpa or eager)")
-        total = len(asm.ids)
-        sel = torch.tensor(sorted(positions), device=self.device)
-        chosen = torch.zeros(total, dtype=torch.bool, device=self.device)
-        chosen[sel] = True
-        cols = torch.arange(total, device=self.device)
-        old = (cols[None, :] <= sel[:, None]) & ~chosen[None, :]
-        new = sel[None, :] <= sel[:, None]
-        allowed = torch.cat([old, new], dim=1)[None, None]
-        if self.attn_impl == "eager":
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        else:
-            mask = allowed
-        ids = torch.tensor(asm.ids, device=self.device)[sel][None]
-        with self.lock, torch.inference_mode():
-            cache = self.make_cache(asm.keys, asm.values)
-            self.decoder(input_ids=ids, position_ids=sel[None], attention_mask=mask,
-                         past_key_values=cache, use_cache=True)
-            for i in range(self.num_layers):
-                asm.keys[i][:, sel] = cache.layers[i].keys[0, :, total:]
-                asm.values[i][:, sel] = cache.layers[i].values[0, :, total:]
+        """Recompute KV at `positions` in one forward pass, in place (see `repair.recompute`)."""
+        recompute(self, asm, positions)
 
     # -- generation ------------------------------------------------------------------------
     def _next_logits(self, cache: Any, ids: Sequence[int], start: int) -> Any:
         torch = self.torch
-        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=cache,
-                         position_ids=self._positions(start, len(ids)), use_cache=True, logits_to_keep=1)
+        with folded_attention(self.model, self.fold):
+            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=cache,
+                             position_ids=self._positions(start, len(ids)), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
     def prefill(self, cache: Any, ids: Sequence[int], start: int) -> Any:

@@ -13,7 +13,11 @@ class LocalReader(Reader):
 
     The context is cut (at a token boundary) when prompt plus answer would exceed the
     model's context window, so a long uncompressed context degrades instead of crashing.
+    An xrag `EmbeddingContext` is read as one placeholder token per document whose input
+    embedding is the document's projected embedding (generation through `inputs_embeds`).
     """
+
+    accepts_embeddings = True
 
     def __init__(
         self,
@@ -53,10 +57,38 @@ class LocalReader(Reader):
                                 stop_at_line=True)
 
     def answer(self, question: str, context: str | None) -> str:
+        if _has_embeddings(context):
+            return self.answer_batch([(question, context)])[0] or ""
         return clean_answer(self.generate_raw(question, context))
 
     def answer_batch(self, items: list[tuple[str, str | None]]) -> list[str | None]:
         """One left-padded greedy batch (same answers as one at a time, up to float rounding)."""
-        prompts = [self.prompt_ids(q, c) for q, c in items]
-        texts = self.lm.generate_batch(prompts, max_new_tokens=self.max_new_tokens, stop_at_line=True)
-        return [clean_answer(t) for t in texts]
+        xrag = [i for i, (_, c) in enumerate(items) if _has_embeddings(c)]
+        text = [i for i in range(len(items)) if i not in set(xrag)]
+        out: list[str | None] = [None] * len(items)
+        if text:
+            prompts = [self.prompt_ids(*items[i]) for i in text]
+            texts = self.lm.generate_batch(prompts, max_new_tokens=self.max_new_tokens, stop_at_line=True)
+            for i, t in zip(text, texts, strict=True):
+                out[i] = clean_answer(t)
+        if xrag:
+            from ragcomp.compressors.xrag_model import (
+                generate_with_embeddings,
+                placeholder_id,
+                reader_prompt_ids,
+            )
+
+            pid = placeholder_id(self.lm.tokenizer)
+            ctxs = [items[i][1] for i in xrag]
+            prompts = [reader_prompt_ids(self.lm.tokenizer, items[i][0], c.n_docs, pid)  # type: ignore[union-attr]
+                       for i, c in zip(xrag, ctxs, strict=True)]
+            texts = generate_with_embeddings(self.lm, prompts, [c.embeddings for c in ctxs],  # type: ignore[union-attr]
+                                             pid, self.max_new_tokens, stop_at_line=True)
+            for i, t in zip(xrag, texts, strict=True):
+                out[i] = clean_answer(t)
+        return out
+
+
+def _has_embeddings(context: str | None) -> bool:
+    # An xrag context with at least one document; with none it is plain (empty) text.
+    return getattr(context, "n_docs", 0) > 0

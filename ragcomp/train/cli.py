@@ -1,4 +1,4 @@
-"""Command line: `python -m ragcomp.train provence-data|provence|export-backbone ...`, and the same
+"""Command line: `python -m ragcomp.train provence-data|provence|xrag|export-backbone ...`, and the same
 commands under `ragcomp train` through `add_parser(sub)` (registered in `ragcomp/cli.py`)."""
 
 from __future__ import annotations
@@ -56,6 +56,44 @@ def add_commands(sub: Any, prog: str) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_train, prog=prog)
 
+    x = sub.add_parser("xrag", help="train the xrag projector (retriever embedding -> one LLM token)",
+                       description="xRAG's two stages on the Wikipedia corpus, LLM and retriever frozen: "
+                       "paraphrase pretraining, then self-distillation (method: ragcomp/train/xrag.py).")
+    x.add_argument("--out", required=True,
+                   help="output folder (config.json, projector.safetensors, training.json)")
+    x.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    x.add_argument("--corpus", default="wiki")
+    x.add_argument("--lm", default="smollm2-135m", help="reader LLM (alias, folder or hub id)")
+    x.add_argument("--embedder", default="minilm", help="retrieval embedder (alias, folder or hub id)")
+    x.add_argument("--index-dir", help="FAISS index folder (default: the ragcomp cache, as retrieval uses)")
+    x.add_argument("--device", default=None)
+    x.add_argument("--steps1", type=int, default=2000, help="paraphrase pretraining steps")
+    x.add_argument("--steps2", type=int, default=1500, help="self-distillation steps")
+    x.add_argument("--batch-size", type=int, default=32)
+    x.add_argument("--lr1", type=float, default=1e-3)
+    x.add_argument("--lr2", type=float, default=3e-4)
+    x.add_argument("--max-target-tokens", type=int, default=96, help="document tokens to reproduce (stage 1)")
+    x.add_argument("--max-answer-tokens", type=int, default=48)
+    x.add_argument("--max-docs", type=int, default=3, help="documents per stage-2 prompt (gold + neighbours)")
+    x.add_argument("--kl-weight", type=float, default=1.0)
+    x.add_argument("--init", help="projector folder to start from (e.g. stage 1 output for --stage 2)")
+    x.add_argument("--questions", help="provence-data JSONL: extra stage-2 questions, answered by the "
+                   "teacher LLM itself (optional)")
+    x.add_argument("--max-file-questions", type=int, default=8000, help="at most this many of --questions")
+    x.add_argument("--exclude-qa", action="append", default=None, metavar="PATH",
+                   help="evaluation file whose titles/questions never enter training (default qa_dev.jsonl)")
+    x.add_argument("--no-exclude", action="store_true")
+    x.add_argument("--dev-docs", type=int, default=64, help="held-out documents for the dev loss")
+    x.add_argument("--embedder-name", help="embedder name to record when --embedder is a local copy (minilm)")
+    x.add_argument("--lm-name", help="LLM name to record when --lm is a local copy (smollm2-135m)")
+    x.add_argument("--max-seconds-per-stage", type=float, default=None,
+                   help="end a stage early after this long (fits a time-limited GPU call); still saves")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--log-every", type=int, default=50)
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_train_xrag, prog=prog)
+
     e = sub.add_parser("export-backbone", help="save an encoder (default minilm) in fp16 with its tokenizer",
                        description="A small copy of the backbone to carry to a machine without the "
                        "model package (MiniLM: ~45 MB); pass the folder as provence --backbone.")
@@ -103,6 +141,27 @@ def _train(args: argparse.Namespace) -> int:
     m = report["metrics"]
     print(f"saved {args.out} ({report['weights']['bytes'] / 1e6:.1f} MB, {report['weights']['dtype']}); "
           f"train loss {m['train_loss_before']:.4f} -> {m['train_loss_after']:.4f}")
+    return 0
+
+
+def _train_xrag(args: argparse.Namespace) -> int:
+    from ragcomp.train.xrag import train
+
+    report = train(
+        args.out, stage=args.stage, corpus=args.corpus, lm=args.lm, embedder=args.embedder,
+        index_dir=args.index_dir, device=args.device, steps1=args.steps1, steps2=args.steps2,
+        batch_size=args.batch_size, lr1=args.lr1, lr2=args.lr2, max_target_tokens=args.max_target_tokens,
+        max_answer_tokens=args.max_answer_tokens, max_docs=args.max_docs, kl_weight=args.kl_weight,
+        init=args.init, questions=args.questions, exclude_qa=args.exclude_qa,
+        allow_no_exclusion=args.no_exclude, dev_docs=args.dev_docs, seed=args.seed,
+        embedder_name=args.embedder_name, lm_name=args.lm_name,
+        max_seconds_per_stage=args.max_seconds_per_stage, max_file_questions=args.max_file_questions,
+        log_every=args.log_every,
+        overwrite=args.overwrite, progress=not args.quiet, command=_command(args))
+    for name, st in report["stages"].items():
+        print(f"stage {name}: dev loss {st['dev_loss_before']:.4f} -> {st['dev_loss_after']:.4f} "
+              f"({st['steps']} steps, {st['seconds']:.0f} s)")
+    print(f"saved {args.out} ({report['parameters']} parameters)")
     return 0
 
 
