@@ -403,11 +403,16 @@ def test_batched_reading_matches_one_at_a_time(corpus_file: Path, qa_file: Path,
     one, three = runs[1]["runs"][0], runs[3]["runs"][0]
     assert [q["prediction"] for q in one["per_question"]] == [q["prediction"] for q in three["per_question"]]
     assert (one["em"], one["f1"], one["acc"]) == (three["em"], three["f1"], three["acc"])
+    # Compression is batched too (compress_batch over 3 questions): same contexts, and each
+    # question of a batch is given the same share of its time.
+    assert [q["tokens_out"] for q in one["per_question"]] == [q["tokens_out"] for q in three["per_question"]]
+    ms = [q["latency_ms"]["compress"] for q in three["per_question"]]
+    assert ms[0] == ms[1] == ms[2] and ms[3] == ms[4] == ms[5]
     # acc is "a gold answer appears in the prediction", recomputed here from the predictions.
     per = three["per_question"]
     assert three["acc"] == round(sum(contains_answer(q["prediction"], q["answers"]) for q in per) / 7, 4)
     assert runs[3]["config"]["batch_size"] == 3
-    assert "a batch of 3 questions" in markdown(runs[3])
+    assert "compress and generate ms = a batch of 3 questions" in markdown(runs[3])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate(qa_file, method="recomp-extractive", corpus=corpus_file, reader=reader, batch_size=0)
 

@@ -47,8 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="remote reader: seconds per request")
     p.add_argument("--retries", type=int, default=4, help="remote reader: retries on 429/5xx/timeouts")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="questions read per batch by the reader (default 1: true per-question latency; "
-                   "larger is faster, with generate latency the batch time over its size)")
+                   help="questions compressed and read per batch (default 1: true per-question latency; "
+                   "larger is faster, with compress and generate latency the batch time over its size)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--embedder", default="minilm", help="retrieval embedder (alias, hub id or path)")

@@ -111,7 +111,8 @@ def markdown(report: dict[str, Any]) -> str:
         "nothing relevant (answered without context); "
         "latencies per question, each row starting from the same embedding cache (questions cached by "
         "retrieval, passages and sentences not)"
-        + (f"; generate ms = a batch of {report['config']['batch_size']} questions' time over its size."
+        + (f"; compress and generate ms = a batch of {report['config']['batch_size']} questions' time "
+           "over its size."
            if report["config"].get("batch_size", 1) > 1 else "."),
         "",
     ]
