@@ -101,18 +101,21 @@ class KVCacheRunnable(Runnable[Any, Any]):
         run = manager.on_chain_start(None, {"question": question, "documents": len(docs)},
                                      name=config.get("run_name") or type(self).__name__)
         try:
-            if docs:
-                ans = self.kv_cache.generate(question, documents_to_passages(docs),
-                                             max_new_tokens=self.max_new_tokens, repair=self.repair)
-                text, stats = ans.text, ans.stats.to_dict()
-            else:
-                text, stats = "", {}
+            text, stats = self._generate(question, docs)
         except BaseException as e:
             run.on_chain_error(e)
             raise
         out = {"answer": text, "stats": stats, "documents": docs} if self.return_stats else text
         run.on_chain_end({"answer": text})
         return out
+
+    def _generate(self, question: str, docs: list[Document]) -> tuple[str, dict[str, Any]]:
+        """(answer, stats) for the documents; the part a subclass answering another way replaces."""
+        if not docs:
+            return "", {}
+        ans = self.kv_cache.generate(question, documents_to_passages(docs),
+                                     max_new_tokens=self.max_new_tokens, repair=self.repair)
+        return ans.text, ans.stats.to_dict()
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         question, docs = self._split(input, config)

@@ -28,7 +28,6 @@ require("langchain_core", "langchain")  # fail here, with the install hint, not 
 
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_core.runnables import RunnableConfig  # noqa: E402
-from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config  # noqa: E402
 
 from ragcomp.compressors.xrag import XragCompressor, answer_with_xrag  # noqa: E402
 from ragcomp.integrations.langchain_kv import KVCacheRunnable, documents_to_passages  # noqa: E402
@@ -56,23 +55,10 @@ class XragRunnable(KVCacheRunnable):
         self.max_new_tokens = max_new_tokens
         self.return_stats = return_stats
 
-    def _answer(self, question: str, docs: list[Any], config: RunnableConfig | None) -> Any:
-        config = ensure_config(config)
-        manager = get_callback_manager_for_config(config)
-        run = manager.on_chain_start(None, {"question": question, "documents": len(docs)},
-                                     name=config.get("run_name") or type(self).__name__)
-        try:
-            if docs:
-                text, stats = answer_with_xrag(self.compressor, self.reader, question,
-                                               documents_to_passages(docs))
-            else:
-                text, stats = "", {"documents": 0}
-        except BaseException as e:
-            run.on_chain_error(e)
-            raise
-        out = {"answer": text, "stats": stats, "documents": docs} if self.return_stats else text
-        run.on_chain_end({"answer": text})
-        return out
+    def _generate(self, question: str, docs: list[Any]) -> tuple[str, dict[str, Any]]:
+        if not docs:
+            return "", {"documents": 0}
+        return answer_with_xrag(self.compressor, self.reader, question, documents_to_passages(docs))
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await asyncio.to_thread(self.invoke, input, config)

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,20 @@ def load_embedder(name: str = "minilm", device: str | None = None) -> Embedder:
         return emb
 
 
+def left_padded(prompts: Sequence[Sequence[int]], tokenizer: Any) -> tuple[Any, Any]:
+    """(ids, attention mask) [batch, longest] of token-id prompts padded on the left, as batched
+    greedy decoding needs; the pad id is the tokenizer's, else its end-of-text id."""
+    torch = require("torch", "models")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p))
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @dataclass
 class CausalLM:
     """A causal LM, its tokenizer, where it lives, and a lock for shared use."""
@@ -237,13 +252,8 @@ class CausalLM:
             raise ValueError("every prompt needs at least one token")
         torch = require("torch", "models")
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(prompts, tok)
+        pad, width = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, ids.shape[1]
         extra: dict[str, Any] = {}
         if stop_at_line:
             transformers = require("transformers", "models")

@@ -222,16 +222,11 @@ def generate_with_embeddings(lm: Any, prompts: Sequence[list[int]], doc_embeddin
         raise ValueError(f"{len(prompts)} prompts but {len(doc_embeddings)} embedding sets")
     if not prompts:
         return []
-    from ragcomp.models import _first_line_done
+    from ragcomp.models import _first_line_done, left_padded
 
     tok = lm.tokenizer
+    ids, mask = left_padded(prompts, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
     vecs = torch.from_numpy(np.concatenate([np.asarray(e, dtype=np.float32) for e in doc_embeddings]))
     extra: dict[str, Any] = {}
     if stop_at_line:
