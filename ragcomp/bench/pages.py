@@ -370,6 +370,11 @@ def _gpu_document(eng: Any, prefix: Any, q_ids: list[int], doc_ids: list[int], a
                 lambda pick=pick: eng.prefill_streamed(prefix, pick(), q_ids,
                                                        reserve=len(q_ids) + args.decode_tokens))
             ctx = len(asm.ids)
+            # An untimed decode first: the first decode at a new context length pays for kernel
+            # selection and allocations (it made the first case's ms/token 3-4x too high).
+            eng.decode(cache, logits, ctx + len(q_ids), args.decode_tokens, [])
+            asm, cache, logits = eng.prefill_streamed(prefix, pick(), q_ids,
+                                                      reserve=len(q_ids) + args.decode_tokens)
             if on_gpu:
                 torch.cuda.synchronize()
             t = time.perf_counter()
