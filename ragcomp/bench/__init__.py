@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+from collections.abc import Callable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "add_parser"):
             module.add_parser(bench_sub)
+
+
+def standalone_main(prog: str, description: str | None, arguments: Callable[[argparse.ArgumentParser], None],
+                    run: Callable[[argparse.Namespace], int], argv: list[str] | None = None) -> int:
+    """`python -m ragcomp.bench.NAME ...`: a module's own arguments and run, without the ragcomp
+    CLI (for machines where only the package folder is on the path, without ragcomp.stores)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def print_table(rows: list[dict[str, object]], title: str | None = None) -> str:

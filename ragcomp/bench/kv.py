@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ragcomp.bench import print_table
+from ragcomp.bench import print_table, standalone_main
 from ragcomp.bench.kv_quality import bench_quality
 from ragcomp.bench.kv_redis import bench_redis
 
@@ -433,10 +433,7 @@ def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], tota
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ragcomp.bench.kv ...` (no ragcomp CLI, for machines without ragcomp.stores)."""
-    p = argparse.ArgumentParser(prog="python -m ragcomp.bench.kv", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    return run(p.parse_args(argv))
+    return standalone_main("python -m ragcomp.bench.kv", __doc__, _arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ragcomp.bench import print_table
+from ragcomp.bench import print_table, standalone_main
 from ragcomp.bench.kv import QA_DEFAULT, _median, random_model
 
 
@@ -395,10 +395,7 @@ def _gpu_document(eng: Any, prefix: Any, q_ids: list[int], doc_ids: list[int], a
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ragcomp.bench.pages ...` (for machines without the ragcomp CLI installed)."""
-    p = argparse.ArgumentParser(prog="python -m ragcomp.bench.pages", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    return run(p.parse_args(argv))
+    return standalone_main("python -m ragcomp.bench.pages", __doc__, _arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ragcomp.bench import print_table
+from ragcomp.bench import print_table, standalone_main
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -147,10 +147,7 @@ def _row(name: str, times: list[float], args: argparse.Namespace) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ragcomp.bench.prune_gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    return run(p.parse_args(argv))
+    return standalone_main("python -m ragcomp.bench.prune_gpu", __doc__, _arguments, run, argv)
 
 
 if __name__ == "__main__":
