@@ -249,6 +249,26 @@ def test_cli_with_dev_split(tiny_backbone: Path, tmp_path: Path) -> None:
     assert 0 <= dev["sentence_accuracy"] <= 1
 
 
+def test_cli_mixes_data_files(tiny_backbone: Path, tmp_path: Path) -> None:
+    from ragcomp.train.provence import read_data_files
+
+    first = write_records(tmp_path / "a.jsonl", RECORDS[:2])
+    second = write_records(tmp_path / "b.jsonl", RECORDS)  # qids q0, q1 again: other questions
+    mixed = read_data_files([first, second])
+    assert [r["qid"] for r in mixed] == ["0:q0", "0:q1", "1:q0", "1:q1", "1:q2", "1:q3"]
+    assert read_data_files([first])[0]["qid"] == "q0"  # one file: qids unchanged
+    out = tmp_path / "m"
+    argv = ["provence", "--data", str(first), str(second), "--out", str(out), "--backbone",
+            str(tiny_backbone), "--epochs", "1", "--batch-size", "4", "--max-length", "64",
+            "--device", "cpu", "--dev-fraction", "0", "--quiet"]
+    assert train_main(argv) == 0
+    report = json.loads((out / "training.json").read_text())
+    assert [f["path"] for f in report["data"]["files"]] == [str(first), str(second)]
+    assert report["data"]["files"][1]["sha256"] == pd.file_sha256(second)
+    assert report["data"]["records"] == 6 and report["split"]["train_records"] == 6
+    assert report["args"]["data_jsonl"] == [str(first), str(second)]
+
+
 def test_bad_data(tiny_backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -2,6 +2,13 @@
 the `llmlingua` package's LLMLingua-2 compressor with an XLM-RoBERTa-large-shaped token classifier,
 on the same questions and passages, in one run. Random weights: timing only (decisions are noise).
 
+Provence rows, per dtype: `hf` (transformers' DeBERTa forward, eager), `fast` (deberta_fast's
+forward on the same parameters, eager) and `graphs` (the fast forward replayed from CUDA graphs;
+CUDA only). Every row first runs all questions once untimed (kernels, CUDA graph captures), then
+times each question end to end (`compress`). `max_dprob_vs_hf` is the largest keep-probability
+difference to the `hf` row of the same dtype on the first question. A second table times the
+CPU-side steps alone (tokenising, windows, sentences, batch arrays).
+
     ragcomp bench prune-gpu --questions 20 --passages 20 --words 150      # on a CUDA machine
     ragcomp bench prune-gpu --small --device cpu                           # a quick dry run
 """
@@ -16,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ragcomp.bench import print_table, standalone_main
 
@@ -38,6 +47,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (a dry run of the code path)")
     p.add_argument("--skip-llmlingua", action="store_true")
+    p.add_argument("--paths", default="hf,fast,graphs", help="Provence forwards to time (graphs: CUDA only)")
+    p.add_argument("--dtypes", default=None, help="e.g. bf16,fp32 (default: both on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", default=None)
 
 
@@ -55,8 +67,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def _time(fn: Any, items: list[Any], sync: Any) -> list[float]:
-    fn(items[0])  # warm-up: kernels, allocator, tokenizer caches
-    fn(items[0])
+    for it in items:  # warm-up: kernels, allocator, tokenizer caches, one CUDA graph per shape
+        fn(it)
     times = []
     for it in items:
         sync()
@@ -71,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from ragcomp.compressors.provence import ProvenceCompressor
-    from ragcomp.compressors.provence_model import ProvenceModel
-    from ragcomp.models import minilm_path
+    from ragcomp.models import minilm_path, resolve_dtype
 
     dev = args.device
     on_gpu = dev.startswith("cuda")
@@ -88,13 +98,12 @@ def run(args: argparse.Namespace) -> int:
         position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
         max_relative_positions=-1, position_biased_input=False, pooler_hidden_size=size["hidden_size"],
         pooler_hidden_act="gelu", **size)
+    names = args.dtypes or ("bf16,fp32" if on_gpu else "fp32")
+    dtypes = [resolve_dtype(d.strip(), dev) for d in names.split(",")]
+    paths = [x.strip() for x in args.paths.split(",") if x.strip() != "graphs" or on_gpu]
     rows = []
-    for dtype in ([torch.bfloat16, torch.float32] if on_gpu else [torch.float32]):
-        model = ProvenceModel(deberta).to(dev, dtype).eval()
-        comp = ProvenceCompressor(model, encoder_tokenizer=tok, device=dev, batch_size=32)
-        times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
-        rows.append(_row(f"ragcomp provence ({str(dtype).split('.')[-1]})", times, args))
-        del comp, model
+    for dtype in dtypes:
+        rows += _provence_rows(args, deberta, dtype, paths, items, tok, sync)
     if not args.skip_llmlingua:
         rows += _llmlingua(args, items, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
@@ -103,10 +112,79 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     shapes = "tiny" if args.small else "large"
     print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "
-                f"passages of {args.words} words; random weights, {shapes} shapes)")
+                f"passages of {args.words} words; random weights, {shapes} shapes; batch {args.batch_size})")
+    cpu_rows = _cpu_side(items, tok)
+    print_table(cpu_rows, "CPU-side work per question, alone (no model)")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"latency": rows, "cpu_side": cpu_rows}, indent=2))
     return 0
+
+
+def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
+                   tok: Any, sync: Any) -> list[dict[str, Any]]:
+    import torch
+
+    from ragcomp.compressors.provence import ProvenceCompressor
+    from ragcomp.compressors.provence_model import ProvenceModel
+
+    dev, on_gpu = args.device, args.device.startswith("cuda")
+    torch.manual_seed(0)
+    model = ProvenceModel(config).to(dev, dtype).eval()
+    label = str(dtype).split(".")[-1]
+    rows, reference = [], None
+    for path in paths:
+        comp = ProvenceCompressor(model, encoder_tokenizer=tok, device=dev, batch_size=args.batch_size,
+                                  fast_encoder=path != "hf", cuda_graphs=path == "graphs")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
+        row = _row(f"ragcomp provence {path} ({label})", times, args)
+        row["warmup_s"] = round(time.perf_counter() - t0 - sum(times), 2)
+        probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
+        reference = probs if reference is None else reference
+        row["max_dprob_vs_hf"] = float(np.abs(probs - reference).max()) if path != "hf" else None
+        runner = model.__dict__.get("_ragcomp_runners", {}).get("runners", {})
+        row["graphs"] = sum(len(r.graphs) for r in runner.values()) if path == "graphs" else None
+        row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else None
+        rows.append(row)
+        del comp
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
+    """The compressor's CPU-side steps per question, each timed alone (median over the questions)."""
+    from ragcomp.compressors.provence import (
+        ProvenceCompressor,
+        Window,
+        _batch_inputs,
+        _encode,
+        _token_sentences,
+    )
+    from ragcomp.text import split_sentences
+
+    comp = ProvenceCompressor("unused", encoder_tokenizer=tok)
+    steps: dict[str, list[float]] = {"tokenize": [], "windows": [], "batch arrays": [], "sentences": []}
+    for q, passages in items:
+        t0 = time.perf_counter()
+        (q_ids,), _ = _encode(tok, [q])
+        p_ids, offsets = _encode(tok, passages)
+        t1 = time.perf_counter()
+        windows: list[Window] = [w for ids in p_ids for w in comp.encode_windows(q_ids, ids, tok, 512)]
+        t2 = time.perf_counter()
+        _batch_inputs(windows, 0, 8)
+        t3 = time.perf_counter()
+        for text, offs in zip(passages, offsets, strict=True):
+            _token_sentences(split_sentences(text), offs)
+        t4 = time.perf_counter()
+        for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            steps[name].append(dt * 1e3)
+    rows = [{"step": k, "p50_ms": round(statistics.median(v), 2)} for k, v in steps.items()]
+    rows.append({"step": "total", "p50_ms": round(sum(r["p50_ms"] for r in rows), 2)})
+    return rows
 
 
 def _llmlingua(args: argparse.Namespace, items: list[Any], size: dict[str, int], tok: Any, dev: str,

@@ -14,9 +14,9 @@ splits contexts longer than 512 tokens (we use token windows with overlap, descr
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from ragcomp._optional import require
 from ragcomp.base import Compressor, PassageLike, as_passages
 from ragcomp.compressors._common import check_fraction, check_int
+from ragcomp.compressors.graphed import round_up, to_host
 from ragcomp.models import default_device, resolve_dtype
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -73,6 +74,9 @@ class ProvenceCompressor(Compressor):
     a folder or hub id (our format or the published layout, e.g. "naver/provence-reranker-debertav3-v1")
     or a `ProvenceModel`, then
     with `encoder_tokenizer`. `tokenizer` names the token counter for the result's statistics.
+    `fast_encoder` runs a DeBERTa-v2/v3 backbone through `deberta_fast.FastDebertaV2Encoder` (same
+    outputs, far less host work; other backbones keep their HF forward); `cuda_graphs` replays the
+    forward from CUDA graphs on CUDA (shapes bucketed; see `graphed.py`; ignored elsewhere).
     """
 
     name = "provence"
@@ -94,6 +98,8 @@ class ProvenceCompressor(Compressor):
         encoder_tokenizer: Any = None,
         tokenizer: str | TokenCounter | None = None,
         separator: str = "\n\n",
+        fast_encoder: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__(tokenizer, separator)
         threshold = check_fraction("threshold", threshold)
@@ -119,6 +125,8 @@ class ProvenceCompressor(Compressor):
         self.dtype = dtype
         self._model_obj = None if isinstance(model, str) else model
         self._encoder_tokenizer = encoder_tokenizer
+        self.fast_encoder = fast_encoder
+        self.cuda_graphs = cuda_graphs
         self._lock = threading.Lock()
 
     # -- model -----------------------------------------------------------------------------
@@ -178,40 +186,46 @@ class ProvenceCompressor(Compressor):
             lo += step
         return out
 
-    def _forward(self, net: Any, lock: threading.Lock, pad_id: int, windows: list[Window]) -> tuple[
-            list[float], list[np.ndarray]]:
+    def _launch(self, net: Any, lock: threading.Lock, pad_id: int, windows: list[Window]) -> Callable[
+            [], tuple[list[float], list[np.ndarray]]]:
+        """Start the forward of every window; the returned function waits and gives (rankings, keep
+        probabilities per window). On CUDA the GPU runs while the caller does other CPU work."""
         torch = require("torch", "models")
-        device = next(net.parameters()).device
-        ranks: list[float] = [0.0] * len(windows)
-        probs: list[np.ndarray] = [np.zeros(0, np.float32)] * len(windows)
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))  # less padding
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(windows[i].input_ids) for i in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            types = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                w = windows[i]
-                ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids)
-                types[row, : len(w.input_ids)] = torch.tensor(w.token_type_ids)
-                mask[row, : len(w.input_ids)] = 1
-            with lock, torch.inference_mode():
-                training = net.training  # a model lent during training: no dropout here, mode restored
-                if training:  # .eval() walks every submodule (~10 ms for DeBERTa-large): only when needed
-                    net.eval()
-                try:
-                    out = net(ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device))
-                finally:
-                    if training:
-                        net.train(True)
-                keep = net.keep_probs(out.token_logits).cpu().numpy()
-                rank = out.ranking_logits.float().cpu().numpy()
-            for row, i in enumerate(chunk):
-                w = windows[i]
-                ranks[i] = float(rank[row])
-                probs[i] = keep[row, w.offset : w.offset + w.hi - w.lo]
-        return ranks, probs
+        on_cuda = next(net.parameters()).device.type == "cuda"
+        batches = []
+        with lock, torch.inference_mode():
+            training = net.training  # a model lent during training: no dropout here, mode restored
+            if training:  # .eval() walks every submodule (~10 ms for DeBERTa-large): only when needed
+                net.eval()
+            try:
+                run = net.runner(self.fast_encoder, self.cuda_graphs, pad_id, self.batch_size)
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    inputs = _batch_inputs([windows[i] for i in chunk], pad_id, 8 if on_cuda else 1)
+                    keep, rank = run(*(torch.from_numpy(x) for x in inputs))
+                    batches.append((chunk, to_host(keep), to_host(rank)))
+            finally:
+                if training:
+                    net.train(True)
+            done = torch.cuda.Event() if on_cuda else None
+            if done is not None:
+                done.record()
+
+        def collect() -> tuple[list[float], list[np.ndarray]]:
+            if done is not None:
+                done.synchronize()
+            ranks: list[float] = [0.0] * len(windows)
+            probs: list[np.ndarray] = [np.zeros(0, np.float32)] * len(windows)
+            for chunk, keep, rank in batches:
+                keep_np, rank_np = keep.numpy(), rank.numpy()
+                for row, i in enumerate(chunk):
+                    w = windows[i]
+                    ranks[i] = float(rank_np[row])
+                    probs[i] = keep_np[row, w.offset : w.offset + w.hi - w.lo]
+            return ranks, probs
+
+        return collect
 
     # -- scoring -------------------------------------------------------------------------------
     def score_batch(
@@ -224,19 +238,23 @@ class ProvenceCompressor(Compressor):
         size = self._window_size(net, tok)
         flat = [(qi, p) for qi, ps in enumerate(passages_per_query) for p in ps]
         with lock:  # fast tokenizers are not safe to share across threads either
-            q_ids = tok(list(queries), add_special_tokens=False, verbose=False)["input_ids"]
-            enc = tok([p.text for _, p in flat], add_special_tokens=False, return_offsets_mapping=True,
-                      verbose=False) if flat else {"input_ids": [], "offset_mapping": []}
+            q_ids, _ = _encode(tok, list(queries))
+            p_ids, offsets = _encode(tok, [p.text for _, p in flat])
         windows: list[Window] = []
         owner: list[int] = []
         for j, (qi, _) in enumerate(flat):
-            ws = self.encode_windows(q_ids[qi], enc["input_ids"][j], tok, size)
+            ws = self.encode_windows(q_ids[qi], p_ids[j], tok, size)
             windows.extend(ws)
             owner.extend([j] * len(ws))
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ranks, probs = self._forward(net, lock, pad_id, windows) if windows else ([], [])
-        sums = [np.zeros(len(enc["input_ids"][j]), np.float64) for j in range(len(flat))]
-        counts = [np.zeros(len(enc["input_ids"][j]), np.float64) for j in range(len(flat))]
+        collect = self._launch(net, lock, pad_id, windows) if windows else None
+        # CPU work while the GPU runs: sentences, and which sentence each token belongs to.
+        sentences = [split_sentences(p.text) for _, p in flat]
+        token_sentence = [_token_sentences(sents, offs)
+                          for sents, offs in zip(sentences, offsets, strict=True)]
+        ranks, probs = collect() if collect is not None else ([], [])
+        sums = [np.zeros(len(p_ids[j]), np.float64) for j in range(len(flat))]
+        counts = [np.zeros(len(p_ids[j]), np.float64) for j in range(len(flat))]
         best: list[float | None] = [None] * len(flat)
         spans: list[list[tuple[int, int]]] = [[] for _ in flat]
         for w, j, r, pr in zip(windows, owner, ranks, probs, strict=True):
@@ -247,9 +265,8 @@ class ProvenceCompressor(Compressor):
         out: list[list[PassageScores]] = [[] for _ in queries]
         for j, (qi, p) in enumerate(flat):
             token_probs = (sums[j] / np.maximum(counts[j], 1)).astype(np.float32)
-            sents = split_sentences(p.text)
-            sent_scores = _sentence_means(sents, enc["offset_mapping"][j], token_probs)
-            out[qi].append(PassageScores(p, best[j], sents, sent_scores, token_probs, spans[j]))
+            sent_scores = _mean_by_sentence(token_sentence[j], len(sentences[j]), token_probs)
+            out[qi].append(PassageScores(p, best[j], sentences[j], sent_scores, token_probs, spans[j]))
         return out
 
     def score(self, query: str, passages: list[PassageLike]) -> list[PassageScores]:
@@ -315,19 +332,60 @@ def _tokenizer(name_or_path: str, net: Any) -> Any:
                                                       trust_remote_code=False)
 
 
-def _sentence_means(sents: list[Sentence], offsets: list[tuple[int, int]], probs: np.ndarray) -> np.ndarray:
-    """Mean keep probability of each sentence's tokens (a token belongs to the sentence holding its
-    last character, so a leading space in a token's offsets does not move it to the previous one)."""
-    starts = [s.start for s in sents]
-    total = np.zeros(len(sents), np.float64)
-    count = np.zeros(len(sents), np.float64)
-    for (a, b), pr in zip(offsets, probs, strict=True):
-        if b <= a:
-            continue
-        k = bisect.bisect_right(starts, b - 1) - 1
-        if k >= 0 and b - 1 < sents[k].end:
-            total[k] += pr
-            count[k] += 1
+def _encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of each text, no special tokens. Straight from the Rust
+    tokenizer when it carries no truncation or padding setting (the HF wrapper's per-call Python
+    costs about a third of the time); through the wrapper otherwise."""
+    if not texts:
+        return [], []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _batch_inputs(windows: list[Window], pad_id: int, width_multiple: int) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, types) int64 arrays [len(windows), width] for one batch, width rounded up."""
+    width = round_up(max(len(w.input_ids) for w in windows), width_multiple)
+    ids = np.full((len(windows), width), pad_id, np.int64)
+    mask = np.zeros((len(windows), width), np.int64)
+    types = np.zeros((len(windows), width), np.int64)
+    for row, w in enumerate(windows):
+        n = len(w.input_ids)
+        ids[row, :n] = w.input_ids
+        mask[row, :n] = 1
+        types[row, w.offset : n] = 1  # the passage segment, closing [SEP] included (as token_type_ids)
+    return ids, mask, types
+
+
+def _token_sentences(sents: list[Sentence], offsets: Any) -> np.ndarray:
+    """Index of the sentence each token belongs to, -1 for none: the sentence holding the token's last
+    character, so a leading space in a token's offsets does not move it to the previous sentence."""
+    spans = np.asarray(offsets, np.int64).reshape(-1, 2)
+    if not sents:
+        return np.full(len(spans), -1, np.int64)
+    starts = np.array([s.start for s in sents], np.int64)
+    ends = np.array([s.end for s in sents], np.int64)
+    last = spans[:, 1] - 1
+    owner = np.searchsorted(starts, last, side="right") - 1
+    valid = (spans[:, 1] > spans[:, 0]) & (owner >= 0)
+    valid &= last < ends[np.maximum(owner, 0)]
+    return np.where(valid, owner, -1)
+
+
+def _sentence_means(sents: list[Sentence], offsets: Any, probs: np.ndarray) -> np.ndarray:
+    """Mean keep probability of each sentence's tokens (tokens given by character offsets)."""
+    return _mean_by_sentence(_token_sentences(sents, offsets), len(sents), probs)
+
+
+def _mean_by_sentence(token_sentence: np.ndarray, n_sentences: int, probs: np.ndarray) -> np.ndarray:
+    """Mean keep probability of each sentence's tokens (`token_sentence` from `_token_sentences`)."""
+    valid = token_sentence >= 0
+    total = np.bincount(token_sentence[valid], weights=probs[valid], minlength=n_sentences)
+    count = np.bincount(token_sentence[valid], minlength=n_sentences)
     # A sentence with no token of its own (rare: characters the tokenizer drops) gets the passage mean.
     fallback = float(probs.mean()) if len(probs) else 0.0
     return np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp._optional import require
+from ragcomp.compressors.deberta_fast import fast_encoder_for
+from ragcomp.compressors.graphed import GraphedForward
 
 torch = require("torch", "models")
 transformers = require("transformers", "models")
@@ -113,12 +115,11 @@ class ProvenceModel(nn.Module):
 
     def forward(
         self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None,
-        labels: Any = None, ranking_labels: Any = None, ranking_weight: float = 1.0,
+        labels: Any = None, ranking_labels: Any = None, ranking_weight: float = 1.0, fast: bool = False,
     ) -> ProvenceOutput:
-        """labels: [batch, seq] 1 keep / 0 drop / -100 ignore; ranking_labels: [batch] teacher scores."""
-        use_types = token_type_ids is not None and self.uses_token_types
-        extra = {"token_type_ids": token_type_ids} if use_types else {}
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        """labels: [batch, seq] 1 keep / 0 drop / -100 ignore; ranking_labels: [batch] teacher scores;
+        `fast`: see `encode`."""
+        h = self.encode(input_ids, attention_mask, token_type_ids, fast=fast)
         pooled = self._act(self.pooler.dense(h[:, 0]))
         ranking_logits = self.classifier(self.dropout(pooled))[:, 0]
         token_logits = self.token_classifier(self.dropout(h))
@@ -140,6 +141,44 @@ class ProvenceModel(nn.Module):
         else:
             out.loss = out.token_loss if out.token_loss is not None else out.ranking_loss
         return out
+
+    def encode(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None,
+               fast: bool = False) -> Any:
+        """The backbone's last hidden state. `fast` runs `FastDebertaV2Encoder` (the same outputs at
+        non-padding positions, far fewer host-side ops) when the backbone is a supported DeBERTa-v2
+        and the model is in eval mode (it applies no dropout); HF's forward otherwise."""
+        if fast and not self.training:
+            encoder = fast_encoder_for(self.backbone)
+            if encoder is not None:
+                return encoder(input_ids, attention_mask, token_type_ids)
+        use_types = token_type_ids is not None and self.uses_token_types
+        extra = {"token_type_ids": token_type_ids} if use_types else {}
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
+    def predict(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
+                fast: bool = False) -> tuple[Any, Any]:
+        """(keep probabilities [batch, seq], ranking logits [batch]), both float32: what scoring needs."""
+        out = self(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, fast=fast)
+        return self.keep_probs(out.token_logits), out.ranking_logits.float()
+
+    def runner(self, fast: bool = True, cuda_graphs: bool = True, pad_id: int = 0,
+               max_batch: int | None = None) -> GraphedForward:
+        """`runner(ids, mask, types) -> predict(...)` on this model's device: replayed from CUDA graphs
+        on CUDA when `cuda_graphs` (see graphed.py), eager otherwise. Cached on the model and rebuilt
+        when its device, dtype or parameter storage changes (a captured graph reads fixed addresses)."""
+        first = next(self.parameters())
+        where = (str(first.device), str(first.dtype), first.data_ptr())
+        key = (fast, cuda_graphs, pad_id, max_batch)
+        cache = self.__dict__.setdefault("_ragcomp_runners", {"where": where, "runners": {}})
+        if cache["where"] != where:  # moved or reloaded: graphs of the old storage must not replay
+            cache.update(where=where, runners={})
+        if key not in cache["runners"]:
+            def predict(ids: Any, mask: Any, types: Any) -> tuple[Any, Any]:
+                return self.predict(ids, mask, types, fast=fast)
+
+            cache["runners"][key] = GraphedForward(predict, (pad_id, 0, 0), first.device, enabled=cuda_graphs,
+                                                   max_batch=max_batch)
+        return cache["runners"][key]
 
     def keep_probs(self, token_logits: Any) -> Any:
         """Probability that each token is kept, float32, [batch, seq]."""

@@ -1,5 +1,5 @@
-"""Command line: `python -m ragcomp.train provence-data|provence|xrag|export-backbone ...`, and the same
-commands under `ragcomp train` through `add_parser(sub)` (registered in `ragcomp/cli.py`)."""
+"""Command line: `python -m ragcomp.train provence-data|provence-multi|provence|xrag|export-backbone ...`,
+and the same commands under `ragcomp train` through `add_parser(sub)` (registered in `ragcomp/cli.py`)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,31 @@ def add_commands(sub: Any, prog: str) -> None:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_data, prog=prog)
 
+    m = sub.add_parser("provence-multi", help="two-passage (comparison, bridge) training data",
+                       description="Template comparison and bridge questions over pairs of Wikipedia "
+                       "articles, labels on both passages; CPU only, no LM (method: "
+                       "ragcomp/train/provence_multi.py). Mix with provence-data output at training.")
+    m.add_argument("--out", required=True, help="JSONL file to write (a .meta.json is written beside it)")
+    m.add_argument("--comparison", type=int, default=3000, help="comparison questions")
+    m.add_argument("--bridge", type=int, default=3000, help="bridge questions (need --questions)")
+    m.add_argument("--questions", action="append", default=[], metavar="PATH",
+                   help="provence-data file whose questions the bridge examples rephrase (repeatable)")
+    m.add_argument("--negatives", type=int, default=1, help="hard negatives per question")
+    m.add_argument("--exclude-qa", action="append", default=None, metavar="PATH",
+                   help="evaluation file whose titles/questions never enter the data (default qa_dev.jsonl)")
+    m.add_argument("--no-exclude", action="store_true", help="allow running with no evaluation file")
+    m.add_argument("--corpus", default="wiki")
+    m.add_argument("--embedder", default="minilm")
+    m.add_argument("--device", default=None)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=_multi, prog=prog)
+
     t = sub.add_parser("provence", help="train a Provence-style pruner+reranker",
                        description="Fine-tune an encoder with token (keep/drop) and ranking heads on "
                        "provence-data output (method: ragcomp/train/provence.py).")
-    t.add_argument("--data", required=True, help="JSONL written by provence-data")
+    t.add_argument("--data", required=True, nargs="+",
+                   help="JSONL written by provence-data / provence-multi (several files are mixed)")
     t.add_argument("--out", required=True, help="folder for the model, tokenizer and training.json")
     t.add_argument("--backbone", default="minilm", help="'minilm' (offline), a folder or a hub id")
     t.add_argument("--epochs", type=int, default=4)
@@ -129,11 +150,27 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _multi(args: argparse.Namespace) -> int:
+    from ragcomp.train.provence_multi import generate_multi
+
+    meta = generate_multi(
+        args.out, n_comparison=args.comparison, n_bridge=args.bridge, single=args.questions,
+        exclude_qa=args.exclude_qa, corpus=args.corpus, embedder=args.embedder, device=args.device,
+        n_negatives=args.negatives, seed=args.seed, progress=not args.quiet,
+        allow_no_exclusion=args.no_exclude, command=_command(args))
+    s = meta["stats"]
+    print(f"wrote {args.out}: {s.get('examples', 0)} examples, {s.get('questions', 0)} questions "
+          f"({s.get('questions_bridge', 0)} bridge, {s.get('negatives', 0)} negatives) "
+          f"in {meta['seconds']:.0f} s")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from ragcomp.train.provence import train
 
     report = train(
-        args.data, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
+        args.data[0] if len(args.data) == 1 else args.data, args.out, backbone=args.backbone,
+        epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, max_length=args.max_length, device=args.device, seed=args.seed, fp16_save=not args.fp32,
         dev_fraction=args.dev_fraction, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         ranking_weight=args.ranking_weight, keep_weight=args.keep_weight, log_every=args.log_every,

@@ -212,6 +212,28 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
             "ranking_mrr": rr / max(1, ranked), "ranked_questions": ranked}
 
 
+def read_data_files(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Records of several data files, mixed; with more than one file each qid is prefixed by the
+    file's index, so questions of different files never merge (dev split and ranking group by qid)."""
+    if not paths:
+        raise ValueError("no training data file given")
+    records = []
+    for k, path in enumerate(paths):
+        for rec in read_examples(path):
+            if len(paths) > 1:
+                rec["qid"] = f"{k}:{rec['qid']}"
+            records.append(rec)
+    return records
+
+
+def _data_record(path: str | Path, records: int | None) -> dict[str, Any]:
+    """What training.json records of a data file: path, sha256, record count, its .meta.json."""
+    meta = meta_path(path)
+    out = {"path": str(path), "sha256": file_sha256(path), "records": records,
+           "meta": json.loads(meta.read_text()) if meta.is_file() else None}
+    return out if records is not None else {k: v for k, v in out.items() if k != "records"}
+
+
 def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
@@ -241,18 +263,21 @@ def _check_args(epochs: int, batch_size: int, lr: float, max_length: int, dev_fr
 
 
 def train(
-    data_jsonl: str | Path, out_dir: str | Path, backbone: str = "minilm", epochs: int = 4,
+    data_jsonl: str | Path | Sequence[str | Path], out_dir: str | Path, backbone: str = "minilm",
+    epochs: int = 4,
     batch_size: int = 32, lr: float = 1e-4, max_length: int = 256, device: str | None = None,
     seed: int = 0, fp16_save: bool = True, dev_fraction: float = 0.05, warmup_ratio: float = 0.1,
     weight_decay: float = 0.01, ranking_weight: float = 1.0, keep_weight: float = 1.0,
     log_every: int = 50, threshold: float = 0.1,
     overwrite: bool = False, progress: bool = True, command: str | None = None,
 ) -> dict[str, Any]:
-    """Train on `data_jsonl`, save to `out_dir` (model + tokenizer + training.json); returns the
+    """Train on `data_jsonl` (one file, or several mixed: `read_data_files`), save to `out_dir`
+    (model + tokenizer + training.json); returns the
     training.json content. `backbone`: "minilm" (offline all-MiniLM-L6-v2), a path or a hub id.
     `command`: the command line to record (the CLI passes its own)."""
     # First statement, so locals() holds the arguments only.
-    args = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "command"}
+    args = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, (list, tuple)) else v
+            for k, v in locals().items() if k != "command"}
     torch = require("torch", "models")
     transformers = require("transformers", "models")
     from ragcomp.compressors.provence import ProvenceCompressor
@@ -263,7 +288,8 @@ def train(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    records = read_examples(data_jsonl)  # fails before any model loads on a bad file
+    paths = [data_jsonl] if isinstance(data_jsonl, (str, Path)) else list(data_jsonl)
+    records = read_data_files(paths)  # fails before any model loads on a bad file
     t0 = time.perf_counter()
     device = device or default_device()
     random.seed(seed)
@@ -350,12 +376,11 @@ def train(
     tok.model_max_length = max_length  # inference windows then match the training length
     out.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out, tokenizer=tok)
-    data_meta = meta_path(data_jsonl)
     report = {
         "format": "ragcomp-provence training record", "args": args, "backbone_path": str(backbone_path),
         "command": command,
-        "data": {"path": str(data_jsonl), "sha256": file_sha256(data_jsonl), "records": len(records),
-                 "meta": json.loads(data_meta.read_text()) if data_meta.is_file() else None},
+        "data": _data_record(paths[0], len(records)) if len(paths) == 1 else
+        {"files": [_data_record(p, None) for p in paths], "records": len(records)},
         "split": {"train_records": len(train_recs), "dev_records": len(dev_recs), "train_items": len(items),
                   "dev_sources": sorted({str(r.get("source", r.get("qid"))) for r in dev_recs})},
         "steps": total, "device": str(device), "autocast": "bf16" if str(device).startswith("cuda") else None,

@@ -161,6 +161,24 @@ def restates(passage_sents: Sequence[Sentence], target_words: set[str], share: f
     return any(len(content_words(s.text) & target_words) >= share * len(target_words) for s in passage_sents)
 
 
+def hard_negatives(found: Sequence[Passage], skip_ids: set[str], target_words: Sequence[set[str]],
+                   n: int, stats: Counter[str]) -> list[tuple[int, Passage, list[Sentence]]]:
+    """The first `n` retrieved passages (rank from 1, passage, its sentences) not in `skip_ids` (sources,
+    evaluation gold titles) and restating none of the labelled sentences (their content words)."""
+    out: list[tuple[int, Passage, list[Sentence]]] = []
+    for rank, hit in enumerate(found, 1):
+        if len(out) >= n:
+            break
+        if hit.id in skip_ids:
+            continue
+        hit_sents = split_sentences(hit.text)
+        if not hit_sents or any(restates(hit_sents, words) for words in target_words):
+            stats["negatives_skipped_restates"] += int(bool(hit_sents))
+            continue
+        out.append((rank, hit, hit_sents))
+    return out
+
+
 # -- exclusions -------------------------------------------------------------------------------
 def load_exclusions(paths: Iterable[str | Path]) -> tuple[set[str], set[str], list[dict[str, Any]]]:
     """Gold titles and normalised questions of evaluation files (qa_dev.jsonl format), and a record
@@ -191,11 +209,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- generation -------------------------------------------------------------------------------
-def _record(qid: str, question: str, p: Passage, sents: Sequence[Sentence], target: int | None,
-            kind: str, source: str, rank: int | None) -> dict[str, Any]:
+def make_record(qid: str, question: str, p: Passage, sents: Sequence[Sentence],
+                target: int | list[int] | None, kind: str, source: str, rank: int | None) -> dict[str, Any]:
+    # `target`: one labelled sentence, or a list of them (two-passage examples, provence_multi.py).
+    targets = set(target) if isinstance(target, list) else {target}
     return {"qid": qid, "question": question, "passage_id": p.id, "text": p.text,
             "sentences": [[s.start, s.end] for s in sents],
-            "labels": [int(i == target) for i in range(len(sents))],
+            "labels": [int(i in targets) for i in range(len(sents))],
             "ranking_label": 1.0 if kind == "positive" else 0.0,
             "kind": kind, "source": source, "target": target, "rank": rank}
 
@@ -260,21 +280,12 @@ def make_examples(
             for (p, sents, i, q), found in zip(accepted, hits, strict=True):
                 qid = f"q{stats['questions']:06d}"
                 stats["questions"] += 1
-                records.append(_record(qid, q, p, sents, i, "positive", p.id, None))
-                target_words = content_words(sents[i].text)
-                n = 0
-                for rank, hit in enumerate(found, 1):
-                    if n >= n_negatives:
-                        break
-                    if hit.id == p.id or hit.id in exclude_titles:
-                        continue
-                    hit_sents = split_sentences(hit.text)
-                    if not hit_sents or restates(hit_sents, target_words):
-                        stats["negatives_skipped_restates"] += int(bool(hit_sents))
-                        continue
-                    records.append(_record(qid, q, hit, hit_sents, None, "negative", p.id, rank))
-                    n += 1
-                stats["negatives"] += n
+                records.append(make_record(qid, q, p, sents, i, "positive", p.id, None))
+                negs = hard_negatives(found, {p.id} | exclude_titles, [content_words(sents[i].text)],
+                                      n_negatives, stats)
+                records.extend(make_record(qid, q, hit, hit_sents, None, "negative", p.id, rank)
+                               for rank, hit, hit_sents in negs)
+                stats["negatives"] += len(negs)
             if bar is not None:
                 bar.update(len(chunk))
     finally:

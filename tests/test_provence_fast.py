@@ -1,0 +1,247 @@
+"""The fast DeBERTa-v2 forward (same outputs as HF's), the CUDA-graph runner (eager off CUDA; a GPU
+test compares replayed and eager outputs), and the Provence compressor's vectorised CPU side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from ragcomp import Passage  # noqa: E402
+from ragcomp.compressors.deberta_fast import (  # noqa: E402
+    FastDebertaV2Encoder,
+    fast_encoder_for,
+    unsupported_reason,
+)
+from ragcomp.compressors.graphed import GraphedForward, bucket_shape, pad_inputs  # noqa: E402
+from ragcomp.compressors.provence import (  # noqa: E402
+    ProvenceCompressor,
+    _encode,
+    _sentence_means,
+)
+from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
+from ragcomp.models import minilm_path  # noqa: E402
+from ragcomp.text import Sentence, split_sentences  # noqa: E402
+
+QUERY = "When did the Eiffel Tower open?"
+SENTENCES = ["The Eiffel Tower is in Paris.", "It opened in 1889.", "Gustave Eiffel's company built it.",
+             "Cats are small carnivorous mammals.", "They are popular pets.", "Many sleep most of the day."]
+
+
+def _v3_config(**overrides: object) -> transformers.DebertaV2Config:
+    """The published checkpoint's DeBERTa-v3 options, shrunk; 8 buckets so that lengths above 4
+    use the log-bucketed positions; weights 10x the usual init, so that attention (and any mistake
+    in its scale or biases) moves the outputs by far more than the tolerance."""
+    cfg = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64, type_vocab_size=0,
+               relative_attention=True, position_buckets=8,
+               norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+               max_relative_positions=-1, position_biased_input=False, pooler_hidden_size=32,
+               pooler_hidden_act="gelu", layer_norm_eps=1e-7, initializer_range=0.2)
+    cfg.update(overrides)
+    return transformers.DebertaV2Config(**cfg)
+
+
+def _padded_batch(lengths: list[int], width: int, vocab: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, vocab, (len(lengths), width))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the published options
+    {"share_att_key": False, "pos_att_type": ["c2p"], "norm_rel_ebd": "none", "position_buckets": -1},
+    {"pos_att_type": ["p2c"], "position_biased_input": True, "type_vocab_size": 2},
+])
+def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict) -> None:
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(_v3_config(**overrides)).eval()
+    fast = FastDebertaV2Encoder(model)
+    for lengths, width in (([40, 25, 3], 40), ([7], 7), ([60, 33], 64)):
+        ids, mask = _padded_batch(lengths, width)
+        types = (torch.arange(width) >= 5).long().expand(len(lengths), width).contiguous()
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            ours = fast(ids, mask, types)
+        gap = ((ref - ours).abs() * mask[..., None]).max()
+        assert float(gap) <= 1e-5, (lengths, float(gap))
+
+
+def test_positions_are_cached_and_only_reachable_rows_are_projected() -> None:
+    model = transformers.DebertaV2Model(_v3_config(position_buckets=256, max_position_embeddings=512))
+    fast = FastDebertaV2Encoder(model)
+    c2p, p2c, lo, hi = fast.positions(10, "cpu")
+    assert fast.positions(10, "cpu")[0] is c2p  # built once per length and device
+    # Length 10 is below the 128-wide linear zone: relative positions -9..9, 19 of the 512 rows.
+    assert (lo, hi) == (256 - 9, 256 + 10) and int(c2p.min()) == 0 and int(c2p.max()) == 18
+    assert torch.equal(c2p[0, :3] + lo, torch.tensor([256, 255, 254]))  # query 0 vs keys 0, 1, 2
+    assert torch.equal(p2c, c2p.T)  # -bucket(i - j) == bucket(j - i)
+    assert fast.positions(512, "cpu")[2:] == (1, 512)  # log buckets reach +-255: rows 1..511
+
+
+def test_unsupported_configs_are_refused_and_fall_back_to_hf() -> None:
+    assert unsupported_reason(_v3_config()) is None
+    conv = _v3_config(conv_kernel_size=3)
+    assert "conv_kernel_size" in unsupported_reason(conv)
+    assert "pos_att_type" in unsupported_reason(_v3_config(pos_att_type=["p2p"]))
+    assert "relative_attention" in unsupported_reason(_v3_config(relative_attention=False))
+    with pytest.raises(ValueError, match="fast DeBERTa forward not available: conv_kernel_size"):
+        FastDebertaV2Encoder(transformers.DebertaV2Model(conv))
+    torch.manual_seed(0)
+    net = ProvenceModel(conv).eval()
+    assert fast_encoder_for(net.backbone) is None
+    ids, mask = _padded_batch([12, 9], 12)
+    with torch.no_grad():  # fast=True on an unsupported backbone is HF's forward, bit for bit
+        assert torch.equal(net.encode(ids, mask, fast=True), net.encode(ids, mask, fast=False))
+    bert = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64)
+    assert "not 'deberta-v2'" in unsupported_reason(bert)
+
+
+def test_provence_model_outputs_equal_with_fast_encoder() -> None:
+    torch.manual_seed(0)
+    net = ProvenceModel(_v3_config()).eval()
+    ids, mask = _padded_batch([30, 17, 5], 30)
+    with torch.no_grad():
+        ref = net(ids, mask)
+        ours = net(ids, mask, fast=True)
+        probs, ranks = net.predict(ids, mask, fast=True)
+    rows = mask.bool()
+    assert float((ref.token_logits - ours.token_logits)[rows].abs().max()) <= 1e-5
+    assert float((ref.ranking_logits - ours.ranking_logits).abs().max()) <= 1e-5
+    assert float((probs - net.keep_probs(ref.token_logits))[rows].abs().max()) <= 1e-6
+    assert probs.dtype == ranks.dtype == torch.float32 and ranks.shape == (3,)
+    assert "_ragcomp_fast_encoder" not in dict(net.named_modules())  # no submodule, no parameter copy
+    assert len(net.state_dict()) == len(ProvenceModel(_v3_config()).state_dict())
+
+
+def test_bucket_shapes_and_padding() -> None:
+    assert bucket_shape(20, 230, 4, 32) == (20, 256)
+    assert bucket_shape(21, 256, 4, 32) == (24, 256)
+    assert bucket_shape(30, 1, 8, 64, max_batch=30) == (30, 64)  # never above max_batch ...
+    assert bucket_shape(33, 65, 8, 64, max_batch=30) == (33, 128)  # ... nor below the batch itself
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    p_ids, p_mask = pad_inputs([ids, mask], [0, 0], (4, 5))
+    assert p_ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [5, 6, 7, 0, 0], [5, 6, 7, 0, 0]]
+    assert p_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_graph_runner_is_eager_off_cuda() -> None:
+    torch.manual_seed(0)
+    net = ProvenceModel(_v3_config()).eval()
+    run = net.runner(fast=True, cuda_graphs=True, pad_id=0, max_batch=8)
+    assert not run.enabled and run is net.runner(fast=True, cuda_graphs=True, pad_id=0, max_batch=8)
+    ids, mask = _padded_batch([11, 6], 11)
+    with torch.inference_mode():
+        probs, ranks = run(ids, mask, torch.zeros_like(ids))
+        ref_probs, ref_ranks = net.predict(ids, mask, fast=True)
+    assert probs.shape == (2, 11) and not run.graphs
+    assert torch.equal(probs, ref_probs) and torch.equal(ranks, ref_ranks)
+
+
+def test_failed_capture_warns_and_runs_eagerly() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(ids.shape))
+        return ids * mask, (ids * mask).sum(-1)
+
+    run = GraphedForward(fn, (0, 0), "cpu")
+    run.enabled = True  # pretend to be on CUDA: the capture itself then fails here
+    ids, mask = torch.tensor([[3, 4, 5]]), torch.tensor([[1, 1, 0]])
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed, running eagerly"):
+        tokens, total = run(ids, mask)
+    assert tokens.tolist() == [[3, 4, 0]] and total.tolist() == [7]
+    assert not run.enabled and not run.graphs and calls[-1] == (1, 3)  # the unpadded inputs
+    assert run(ids, mask)[1].tolist() == [7]  # no second attempt, no second warning
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_eager_on_cuda() -> None:
+    torch.manual_seed(0)
+    net = ProvenceModel(_v3_config()).to("cuda").eval()
+    run = GraphedForward(lambda i, m, t: net.predict(i, m, t, fast=True), (0, 0, 0), "cuda", max_batch=8)
+    for lengths, width in (([40, 25, 3], 40), ([9, 9, 2, 8, 7], 9), ([38, 1], 38)):
+        ids, mask = _padded_batch(lengths, width)
+        types = torch.zeros_like(ids)
+        with torch.inference_mode():
+            probs, ranks = (x.clone() for x in run(ids, mask, types))
+            ref_probs, ref_ranks = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast=True)
+        rows = mask.bool().cuda()
+        assert run.enabled and probs.shape == (len(lengths), width)
+        assert float((probs - ref_probs)[rows].abs().max()) <= 1e-5
+        assert float((ranks - ref_ranks).abs().max()) <= 1e-4
+    assert set(run.graphs) == {(4, 64), (8, 32)}  # ([40,25,3], 40) and ([38,1], 38) share one graph
+
+
+@pytest.fixture(scope="module")
+def tok() -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def test_compressor_scores_equal_with_and_without_fast_encoder(tok) -> None:
+    torch.manual_seed(0)
+    net = ProvenceModel(_v3_config(vocab_size=30522, max_position_embeddings=128, position_buckets=16)).eval()
+    passages = [Passage(str(i), " ".join(SENTENCES[i:] + SENTENCES[:i] * (i % 3))) for i in range(6)]
+    kwargs = dict(encoder_tokenizer=tok, threshold=0.3, window=48, batch_size=4)
+    fast = ProvenceCompressor(net, **kwargs).score(QUERY, passages)
+    slow = ProvenceCompressor(net, fast_encoder=False, **kwargs).score(QUERY, passages)
+    assert any(len(s.windows) > 1 for s in fast)  # long passages are read in several windows
+    for a, b in zip(fast, slow, strict=True):
+        assert abs(a.ranking - b.ranking) <= 1e-5 and a.windows == b.windows
+        np.testing.assert_allclose(a.token_probs, b.token_probs, atol=1e-5)
+        np.testing.assert_allclose(a.sentence_scores, b.sentence_scores, atol=1e-5)
+
+
+def test_shipped_minilm_default_is_unchanged_by_the_fast_flag() -> None:
+    passages = [Passage("a", " ".join(SENTENCES[:3])), Passage("b", " ".join(SENTENCES[3:]))]
+    comp = ProvenceCompressor(device="cpu")
+    on = comp.score(QUERY, passages)
+    off = ProvenceCompressor(device="cpu", fast_encoder=False, cuda_graphs=False).score(QUERY, passages)
+    assert [x.ranking for x in on] == [x.ranking for x in off]
+    assert all(np.array_equal(a.token_probs, b.token_probs) for a, b in zip(on, off, strict=True))
+    net, bert_tok, _ = comp._load()  # batched scores equal one plain call with BERT's segment ids
+    with torch.no_grad():
+        ref = net(**bert_tok(QUERY, passages[1].text, return_tensors="pt"))
+    assert abs(on[1].ranking - float(ref.ranking_logits[0])) <= 1e-5
+
+
+def _sentence_means_loop(sents: list[Sentence], offsets: list[tuple[int, int]],
+                         probs: np.ndarray) -> np.ndarray:
+    """The rule written out token by token (the former implementation)."""
+    total, count = np.zeros(len(sents)), np.zeros(len(sents))
+    for (a, b), p in zip(offsets, probs, strict=True):
+        k = max((i for i, s in enumerate(sents) if s.start <= b - 1), default=-1)
+        if b > a and k >= 0 and b - 1 < sents[k].end:
+            total[k] += p
+            count[k] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), probs.mean() if len(probs) else 0.0)
+
+
+def test_vectorised_sentence_means_follow_the_token_rule(tok) -> None:
+    text = "  Paris is big.   It opened in 1889!\n\nWhy? " + "Numbers like 3.5 stay. " * 3 + "Tail"
+    sents = split_sentences(text)
+    offsets = [*_encode(tok, [text])[1][0], (len(text), len(text))]  # an empty span: no sentence
+    probs = np.random.default_rng(0).random(len(offsets)).astype(np.float32)
+    gap = [Sentence(text[:5], 0, 5), Sentence(text[40:45], 40, 45)]  # tokens between sentences: none
+    for sentences in (sents, gap):
+        np.testing.assert_allclose(_sentence_means(sentences, offsets, probs),
+                                   _sentence_means_loop(sentences, offsets, probs), rtol=1e-6)
+
+
+def test_direct_tokenizer_call_equals_the_wrapper(tok) -> None:
+    texts = ["Héllo wörld, it's 1889.", "", "A  longer   passage with   spaces and ÜNICODE."]
+    ids, offsets = _encode(tok, texts)
+    ref = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == ref["input_ids"] and [list(map(tuple, o)) for o in offsets] == ref["offset_mapping"]
+    tok.backend_tokenizer.enable_truncation(max_length=3)  # a leftover setting: the wrapper path is used
+    try:
+        assert _encode(tok, texts)[0] == ref["input_ids"]
+    finally:
+        tok.backend_tokenizer.no_truncation()
+    assert _encode(tok, []) == ([], [])
