@@ -1,109 +1,73 @@
-"""Byte store on Redis (or Redis Cluster): chunked, checksummed values, pipelined and parallel reads.
+"""Byte store on Redis (or Redis Cluster): chunked, checksummed values, pipelined reads.
 
 Layout of one value under key K (prefix P, default "ragcomp:")::
 
-    P h:{K}                  header record (one Redis string)
+    P h:{K}                  header record (one Redis string; format in redis_format)
     P c:{K}:<write id>:<i>   chunk i of a large value (only when the value is larger than inline_bytes)
 
 `{K}` is a Redis Cluster hash tag, so all records of one value live in one slot (one node, one
-connection). The header is::
+connection). A value is split into about `parallel` chunks of at least `min_split_bytes`: small
+chunks keep the server's reply buffers small, which loads faster than one big string.
 
-    magic "RCRS" | version u8 | kind u8 | digest algorithm u16 | total length u64 | chunk count u32
-    | chunk size u32 | write id 8 bytes | 16-byte digest of the header | 16-byte digest of each chunk
+A write stores the chunks under a fresh random write id first and then the header with one
+`SET ... GET`: a reader sees the old value, the new value or nothing, never a mix; the old header
+that `SET ... GET` returns names the chunks to retire afterwards (they expire after `stale_ttl`
+seconds, so a reader already fetching them finishes; `delete` and corruption remove at once).
 
-The digest is xxh3-128 when the `xxhash` package is there (about 20 GB/s, so checking is never
-the bottleneck of a load) and blake2b-16 otherwise (about 1 GB/s; algorithm 0, the original
-format). Both catch corruption and truncation; neither is meant against an attacker with write
-access to Redis. A value is split into about `parallel` chunks (at least `min_split_bytes` each),
-so even a few-MB KV entry is read by several connections at once.
-
-followed, for small values (kind 0, inline), by the payload itself. A write stores the chunks under
-a fresh random write id first and then the header with one `SET ... GET`: a reader sees the old
-value, the new value or nothing, never a mix; the old header that `SET ... GET` returns names the
-chunks to retire afterwards (they expire after `stale_ttl` seconds, so a reader already fetching
-them finishes; `delete` and corruption remove at once). A reader that finds a missing or corrupt
-chunk re-reads the header (a concurrent overwrite is not corruption), otherwise logs a warning,
-removes the entry (only if the header is still the one it read) and returns None.
-
-Large values are read by `parallel` connections at once, each over a contiguous range of chunks.
-For plain TCP connections the chunk bytes go straight from the socket into the result buffer
-(`recv_into`) instead of through redis-py's reply parser, which copies every byte several times; any
-surprise on that path (a redirect, an error reply) falls back to an ordinary pipeline. Values are
-opaque bytes: nothing is ever pickled.
+Reads (`get` is `get_many` of one key) take two round trips for a whole batch: every header,
+then every chunk of every value, received straight into the values' buffers and checked against
+their digests (redis_wire); the chunks go over one connection, or over up to `parallel` when
+each gets at least `parallel_min_bytes`. `get_many_buffers` receives into reused memory
+(buffers.py) for callers that map tensors onto the bytes. A value whose records look wrong takes
+the careful path: it re-reads the header (a concurrent overwrite is not corruption), otherwise
+logs a warning, removes the entry (only if the header is still the one it read) and returns
+None. Values are opaque bytes: nothing is ever pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import logging
 import os
-import random
-import socket
-import struct
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ragcomp._optional import require
 from ragcomp.stores.base import ByteStore, StoreError
+from ragcomp.stores.buffers import BufferPool
+from ragcomp.stores.redis_format import (
+    CHUNKED,
+    INLINE,
+    MAX_CHUNK_BYTES,
+    Corrupt,
+    Header,
+    UnknownDigest,
+    digest,
+    stale_chunks,
+)
+from ragcomp.stores.redis_server import _free_port, local_redis_server
+from ragcomp.stores.redis_wire import (
+    Alloc,
+    Fetched,
+    NoFastPath,
+    new_buffer,
+    plan_chunks,
+    read_chunks,
+    read_headers,
+    split_plan,
+)
+
+__all__ = ["MAX_CHUNK_BYTES", "RedisStore", "_free_port", "local_redis_server", "redact_url"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"RCRS"
-VERSION = 1
-_INLINE, _CHUNKED = 0, 1
-_FIXED = struct.Struct("<4sBBHQII8s")  # magic, version, kind, digest algo, total, count, chunk size, write id
-_DIGEST = 16
-_HEAD = _FIXED.size + _DIGEST  # fixed fields + header digest; chunk digests follow
-MAX_CHUNK_BYTES = 256 << 20  # Redis caps one string at 512 MB; stay well under it
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 # Compare-and-delete: remove a header only if it is still the record the caller judged corrupt.
 _DEL_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-class _Corrupt(ValueError):
-    pass
-
-
-class _NoFastPath(Exception):
-    """The direct socket read cannot be used here (or hit something unexpected): use a pipeline."""
-
-
-_BLAKE2B, _XXH3 = 0, 1
-try:
-    import xxhash as _xxhash
-
-    _WRITE_ALGO = _XXH3
-except ImportError:  # stdlib fallback: slower, same guarantees against corruption
-    _xxhash = None
-    _WRITE_ALGO = _BLAKE2B
-
-
-class _UnknownDigest(Exception):
-    """The entry's digest algorithm cannot be checked here (xxhash missing): a miss, not corruption."""
-
-
-def _digest(data: bytes | memoryview, algo: int | None = None) -> bytes:
-    # Both release the GIL for large buffers, so worker threads verify chunks in parallel.
-    if algo is None:
-        algo = _WRITE_ALGO
-    if algo == _XXH3:
-        if _xxhash is None:
-            raise _UnknownDigest("entry checksummed with xxh3-128 but the xxhash package is missing")
-        return _xxhash.xxh3_128_digest(data)
-    if algo == _BLAKE2B:
-        return hashlib.blake2b(data, digest_size=_DIGEST).digest()
-    raise _Corrupt(f"unknown digest algorithm {algo}")
-
 
 _WARNED: set[str] = set()
 
@@ -112,61 +76,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning(message)
-
-
-class _Header:
-    __slots__ = ("algo", "chunk_bytes", "count", "digests", "kind", "record", "total", "write_id")
-
-    def __init__(self, record: bytes) -> None:
-        if len(record) < _HEAD:
-            raise _Corrupt(f"header record is {len(record)} bytes, shorter than {_HEAD}")
-        magic, version, kind, algo, total, count, chunk_bytes, write_id = _FIXED.unpack_from(record)
-        if magic != MAGIC:
-            raise _Corrupt(f"bad magic {magic!r}")
-        if version != VERSION:
-            raise _Corrupt(f"unsupported version {version}")
-        end = _HEAD + _DIGEST * count
-        if len(record) < end:
-            raise _Corrupt(f"header lists {count} chunks but holds {(len(record) - _HEAD) // _DIGEST}")
-        if _digest(record[: _FIXED.size] + record[_HEAD:end], algo) != record[_FIXED.size : _HEAD]:
-            raise _Corrupt("header checksum mismatch")
-        if kind == _INLINE:
-            ok = count == 1 and len(record) == end + total
-        elif kind == _CHUNKED:
-            ok = chunk_bytes > 0 and count == -(-total // chunk_bytes) and len(record) == end
-        else:
-            ok = False
-        if not ok:
-            raise _Corrupt(f"inconsistent header (kind {kind}, {total} bytes, {count} chunks)")
-        self.record, self.algo = record, algo
-        self.kind, self.total, self.count, self.chunk_bytes, self.write_id = (
-            kind,
-            total,
-            count,
-            chunk_bytes,
-            write_id,
-        )
-        self.digests = [record[_HEAD + _DIGEST * i : _HEAD + _DIGEST * (i + 1)] for i in range(count)]
-
-    @staticmethod
-    def build(kind: int, total: int, chunk_bytes: int, write_id: bytes, digests: list[bytes]) -> bytes:
-        fixed = _FIXED.pack(MAGIC, VERSION, kind, _WRITE_ALGO, total, len(digests), chunk_bytes, write_id)
-        body = b"".join(digests)
-        return fixed + _digest(fixed + body) + body
-
-    def spans(self) -> list[tuple[int, int]]:
-        cb = self.chunk_bytes
-        return [(i * cb, min(cb, self.total - i * cb)) for i in range(self.count)]
-
-
-def _stale_chunks(record: bytes | None) -> tuple[bytes, int] | None:
-    """(write id, chunk count) named by a replaced or corrupt header, read leniently for cleanup."""
-    if not record or len(record) < _FIXED.size:
-        return None
-    magic, _, kind, _, _, count, _, write_id = _FIXED.unpack_from(record)
-    if magic != MAGIC or kind != _CHUNKED or count > 1 << 24:
-        return None
-    return write_id, count
 
 
 def redact_url(url: str) -> str:
@@ -200,11 +109,19 @@ class RedisStore(ByteStore):
     StoreError naming the URL if it cannot be reached.
     chunk_bytes: size of the chunks a large value is split into (at most 256 MiB).
     inline_bytes: values up to this size live inside the header record (one round trip).
-    min_split_bytes: the smallest chunk a larger value is split into for parallel reads.
-    parallel: connections (threads) that read or write the chunks of one large value at once.
+    min_split_bytes: the smallest chunk a larger value is split into.
+    parallel: connections (threads) that read or write the chunks of large values at once.
+    parallel_min_bytes: a read is spread over several connections only when each gets at least
+    this many bytes (below that, a thread and a connection cost more than they bring).
+    buffer_pool_bytes: at most this much memory kept for `get_many_buffers` to receive into
+    again (0: fresh memory for every load).
     stale_ttl: seconds the chunks of an overwritten value live on (with a Redis expiry) so
     readers already fetching them finish; 0 deletes them at once. `delete` removes at once.
     """
+
+    # Every value get/get_many returns matched, byte for byte, the digests taken when it was
+    # written: callers need no second checksum pass (TieredKV skips the KV entry's own).
+    verifies_reads = True
 
     def __init__(
         self,
@@ -216,6 +133,8 @@ class RedisStore(ByteStore):
         min_split_bytes: int = 1 << 20,
         max_connections: int = 32,
         parallel: int = 4,
+        parallel_min_bytes: int = 2 << 20,
+        buffer_pool_bytes: int = 64 << 20,
         socket_timeout: float = 30.0,
         connect_timeout: float = 2.0,
         cluster: bool = False,
@@ -242,6 +161,8 @@ class RedisStore(ByteStore):
         self.inline_bytes = min(inline_bytes, chunk_bytes)
         self.min_split_bytes = max(1, min_split_bytes)
         self.parallel = parallel
+        self.parallel_min_bytes = max(1, parallel_min_bytes)
+        self._buffers = BufferPool(buffer_pool_bytes)
         self.stale_ttl = stale_ttl
         self.bytes_read = 0
         self.bytes_written = 0
@@ -321,45 +242,104 @@ class RedisStore(ByteStore):
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        try:
-            record = self._client.get(self._hkey(key))
-            return self._resolve(key, record)
-        except self._errors as e:
-            raise self._store_error(e, f"read {key!r}") from None
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values of `keys` (None where absent or corrupt): every header in one round trip,
+        then every chunk of every value in another, on one connection or, for many MB, a few."""
+        return self._get_many(keys, new_buffer)  # type: ignore[return-value]  # always bytes here
+
+    def get_many_buffers(self, keys: Sequence[str]) -> list[bytes | memoryview | None]:
+        """`get_many` for callers that map tensors onto the bytes: values come as read-only views
+        into buffers this store uses again once nothing refers to them (no page faults on
+        fresh memory per load); a value read the careful way comes as bytes."""
+        return self._get_many(keys, self._buffers.take)
+
+    def _get_many(self, keys: Sequence[str], alloc: Alloc) -> list[bytes | memoryview | None]:
         keys = list(keys)
         if not keys:
             return []
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for k in keys:
-                pipe.get(self._hkey(k))
-            records = pipe.execute()
-            return [self._resolve(k, r) for k, r in zip(keys, records, strict=True)]
+            out: list[bytes | memoryview | None] = [None] * len(keys)
+            careful: list[int] = []
+            for pool, idxs in self._by_node(keys):
+                fetched = self._fast_read(pool, [keys[i] for i in idxs], alloc) if pool is not None else None
+                if fetched is None:
+                    careful += idxs
+                    continue
+                for i, item in zip(idxs, fetched, strict=True):
+                    if item.retry:
+                        careful.append(i)
+                    elif item.value is not None:
+                        value = item.value
+                        out[i] = bytes(value) if isinstance(value, bytearray) else value
+                        self._count(read=len(value))
+            if careful:
+                pipe = self._client.pipeline(transaction=False)
+                for i in careful:
+                    pipe.get(self._hkey(keys[i]))
+                for i, record in zip(careful, pipe.execute(), strict=True):
+                    out[i] = self._resolve(keys[i], record)
+            return out
         except self._errors as e:
-            raise self._store_error(e, f"read {len(keys)} keys") from None
+            what = f"read {keys[0]!r}" if len(keys) == 1 else f"read {len(keys)} keys"
+            raise self._store_error(e, what) from None
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def _fast_read(self, pool: Any, keys: list[str], alloc: Alloc) -> list[Fetched] | None:
+        """Headers, then every chunk of every value, straight off the socket (None: use the
+        careful path for all of them)."""
+        try:
+            fetched = read_headers(pool, [self._hkey(k) for k in keys], alloc)
+            plan = plan_chunks(fetched, lambda i, head: self._fast_chunk_keys(keys[i], head))
+            parts = split_plan(plan, self.parallel, self.parallel_min_bytes)
+            # The first part on this thread (no hand-off when there is one), the rest on workers.
+            futures = [self._pool().submit(read_chunks, pool, part) for part in parts[1:]]
+            if parts:
+                read_chunks(pool, parts[0])
+            for f in futures:
+                f.result()
+        except NoFastPath:
+            return None
+        return fetched
+
+    def _fast_chunk_keys(self, key: str, head: Header) -> list[str] | None:
+        keys = self._ckeys(key, head.write_id, head.count)
+        if self.cluster and self._client.keyslot(keys[0]) != self._client.keyslot(self._hkey(key)):
+            return None  # an empty hash tag spreads the records over slots: let the cluster client route
+        return keys
+
+    def _by_node(self, keys: list[str]) -> list[tuple[Any | None, list[int]]]:
+        """Key positions grouped by the connection pool of the node holding their headers."""
+        if not self.cluster:
+            return [(self._client.connection_pool, list(range(len(keys))))]
+        groups: dict[int, tuple[Any | None, list[int]]] = {}
+        for i, key in enumerate(keys):
+            node = self._client.get_node_from_key(self._hkey(key))
+            pool = node.redis_connection.connection_pool if node and node.redis_connection else None
+            groups.setdefault(id(pool), (pool, []))[1].append(i)
+        return list(groups.values())
+
     def _resolve(self, key: str, record: bytes | None) -> bytes | None:
-        """The value a header record stands for; None (after cleanup) if it is corrupt."""
+        """The value a header record stands for, read the careful way; None (after cleanup) if
+        it is corrupt."""
         for _ in range(5):
             if record is None:
                 return None
             try:
-                head = _Header(record)
-            except _Corrupt as e:
+                head = Header(record)
+            except Corrupt as e:
                 self._drop_corrupt(key, record, str(e))
                 return None
-            except _UnknownDigest as e:
+            except UnknownDigest as e:
                 _warn_once(f"redis store {self._shown_url}: {e}; such entries count as misses "
                            "(pip install xxhash to read them)")
                 return None
-            if head.kind == _INLINE:
+            if head.kind == INLINE:
                 payload = record[len(record) - head.total :]
-                if _digest(payload, head.algo) != head.digests[0]:
+                if digest(payload, head.algo) != head.digests[0]:
                     self._drop_corrupt(key, record, "checksum mismatch")
                     return None
                 self._count(read=head.total)
@@ -378,18 +358,13 @@ class RedisStore(ByteStore):
         log.warning("redis store %s: key %r kept changing while being read", self._shown_url, key)
         return None
 
-    def _read_chunks(self, key: str, head: _Header) -> tuple[bytes | None, str]:
+    def _read_chunks(self, key: str, head: Header) -> tuple[bytes | None, str]:
+        """A chunked value through redis-py pipelines, naming the first problem if any."""
         keys = self._ckeys(key, head.write_id, head.count)
         spans = head.spans()
-        value, view = _new_buffer(head.total)
-        pool = self._node_pool(keys)
+        value, view = new_buffer(head.total)
 
         def read_range(a: int, b: int) -> str | None:
-            if pool is not None:
-                try:
-                    return _raw_read(pool, keys[a:b], view, spans[a:b], head.digests[a:b], head.algo)
-                except _NoFastPath:
-                    pass
             pipe = self._client.pipeline(transaction=False)
             for k in keys[a:b]:
                 pipe.get(k)
@@ -401,7 +376,7 @@ class RedisStore(ByteStore):
                 if part is None or len(part) != size:
                     return f"chunk {i} of {head.count} is missing or has the wrong size"
                 view[off : off + size] = part
-                if _digest(view[off : off + size], head.algo) != head.digests[i]:
+                if digest(view[off : off + size], head.algo) != head.digests[i]:
                     return f"chunk {i} of {head.count}: checksum mismatch"
             return None
 
@@ -410,28 +385,16 @@ class RedisStore(ByteStore):
             return None, problems[0]
         return (value if isinstance(value, bytes) else bytes(value)), ""
 
-    def _node_pool(self, keys: list[str]) -> Any | None:
-        """The connection pool of the one node that holds `keys`, if the fast path applies."""
-        if not self.cluster:
-            pool = self._client.connection_pool
-        else:
-            slots = {self._client.keyslot(k) for k in keys}
-            if len(slots) != 1:
-                return None  # an empty hash tag spreads the chunks: let the cluster client route
-            node = self._client.get_node_from_key(keys[0])
-            pool = node.redis_connection.connection_pool if node and node.redis_connection else None
-        return pool
-
     def _drop_corrupt(self, key: str, record: bytes, why: str) -> None:
         log.warning("redis store %s: dropping corrupt entry %r: %s", self._shown_url, key, why)
         if not self._client.eval(_DEL_IF_EQUAL, 1, self._hkey(key), record):
             return  # replaced meanwhile: the new value is not ours to judge
-        if _stale_chunks(record) is not None:
+        if stale_chunks(record) is not None:
             self._delete_chunks(key, record)
             return
         # The header is too damaged to name its chunks: find them by pattern (rare, scans),
         # sparing those of a header a writer may have stored since.
-        current = _stale_chunks(self._client.get(self._hkey(key)))
+        current = stale_chunks(self._client.get(self._hkey(key)))
         keep = f":{current[0].hex()}:" if current else None
         pattern = _glob_escape(f"{self.prefix}c:{{{key}}}:") + "*"
         names = [
@@ -479,7 +442,7 @@ class RedisStore(ByteStore):
             for key, record in small:
                 pipe.set(self._hkey(key), record, get=True)
             olds = pipe.execute()
-            self._count(written=sum(_Header(r).total for _, r in small))
+            self._count(written=sum(Header(r).total for _, r in small))
             for (key, _), old in zip(small, olds, strict=True):
                 self._retire_chunks(key, old)
         except self._errors as e:
@@ -487,7 +450,7 @@ class RedisStore(ByteStore):
 
     @staticmethod
     def _inline_record(data: memoryview) -> bytes:
-        head = _Header.build(_INLINE, data.nbytes, max(data.nbytes, 1), os.urandom(8), [_digest(data)])
+        head = Header.build(INLINE, data.nbytes, max(data.nbytes, 1), os.urandom(8), [digest(data)])
         return head + data
 
     def _write_chunks(self, key: str, data: memoryview) -> tuple[bytes, list[str]]:
@@ -502,7 +465,7 @@ class RedisStore(ByteStore):
             pipe = self._client.pipeline(transaction=False)
             for i in range(a, b):
                 part = data[i * cb : (i + 1) * cb]  # a view: redis-py sends it without copying
-                digests[i] = _digest(part)
+                digests[i] = digest(part)
                 pipe.set(keys[i], part)
             pipe.execute()
 
@@ -511,7 +474,7 @@ class RedisStore(ByteStore):
         except BaseException:
             self._delete_keys(keys)
             raise
-        return _Header.build(_CHUNKED, data.nbytes, cb, write_id, digests), keys
+        return Header.build(CHUNKED, data.nbytes, cb, write_id, digests), keys
 
     def delete(self, key: str) -> None:
         try:
@@ -523,7 +486,7 @@ class RedisStore(ByteStore):
     def _retire_chunks(self, key: str, record: bytes | None) -> None:
         # Chunks of a replaced value: a reader may hold the old header and still be fetching
         # them, so they expire after stale_ttl instead of vanishing under that reader.
-        stale = _stale_chunks(record)
+        stale = stale_chunks(record)
         if stale is None:
             return
         if self.stale_ttl <= 0:
@@ -535,7 +498,7 @@ class RedisStore(ByteStore):
         pipe.execute()
 
     def _delete_chunks(self, key: str, record: bytes | None) -> None:
-        stale = _stale_chunks(record)
+        stale = stale_chunks(record)
         if stale is not None:
             self._delete_keys(self._ckeys(key, *stale))
 
@@ -574,208 +537,10 @@ class RedisStore(ByteStore):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+        self._buffers.clear()
         self._client.close()
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
-
-# -- direct socket reads ------------------------------------------------------------------------
-
-
-def _raw_read(
-    pool: Any, keys: list[str], out: memoryview, spans: list[tuple[int, int]], digests: list[bytes],
-    algo: int,
-) -> str | None:
-    """GET `keys` on one pooled connection, receiving each reply straight into out[span].
-
-    Returns None when every chunk arrived with its checksum, else what went wrong. Raises
-    _NoFastPath when this connection cannot be used raw (TLS, push data, an error reply such as
-    a cluster redirect); the caller then uses an ordinary pipeline. Bulk strings look the same in
-    RESP2 and RESP3, so both protocols work.
-    """
-    conn = pool.get_connection()
-    done = False
-    try:
-        sock = getattr(conn, "_sock", None)
-        if sock is None or type(sock).__module__ == "ssl":
-            done = True
-            raise _NoFastPath
-        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]))
-        reader = _Reader(sock)
-        for i, (off, size) in enumerate(spans):
-            line = reader.line()
-            if line == b"_":  # RESP3 null: the chunk is gone
-                return f"chunk {i} of {len(spans)} is missing"
-            if line[:1] != b"$":
-                # Error reply (MOVED, WRONGTYPE...) or push data: let redis-py handle it.
-                raise _NoFastPath
-            n = int(line[1:])
-            if n != size:
-                return f"chunk {i} of {len(spans)} is missing or has the wrong size ({n} != {size})"
-            target = out[off : off + size]
-            reader.read_into(target)
-            if reader.line() != b"":
-                raise _NoFastPath
-            if _digest(target, algo) != digests[i]:
-                return f"chunk {i} of {len(spans)}: checksum mismatch"
-        done = not reader.buffered
-        return None
-    finally:
-        if not done:
-            conn.disconnect()  # replies left unread: this connection is out of step
-        pool.release(conn)
-
-
-def _uninit_bytes(n: int) -> tuple[bytes, memoryview]:
-    # CPython's PyBytes_FromStringAndSize(NULL, n) returns a bytes object whose contents the
-    # caller fills in before sharing it; ob_sval sits at basicsize - 1. Receiving straight into
-    # it saves zero-filling a bytearray and copying it into bytes (each ~0.3 s per 256 MB here).
-    obj = _PyBytes_FromStringAndSize(None, n)
-    array = (ctypes.c_char * n).from_address(id(obj) + bytes.__basicsize__ - 1)
-    return obj, memoryview(array).cast("B")
-
-
-def _uninit_bytes_works() -> bool:
-    try:
-        obj, view = _uninit_bytes(16)
-        view[:] = b"0123456789abcdef"
-        return obj == b"0123456789abcdef"
-    except Exception:
-        return False
-
-
-_PyBytes_FromStringAndSize: Any = None
-if sys.implementation.name == "cpython":
-    _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
-    _PyBytes_FromStringAndSize.restype = ctypes.py_object
-    _PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-_FAST_BYTES = _PyBytes_FromStringAndSize is not None and _uninit_bytes_works()
-
-
-def _new_buffer(n: int) -> tuple[bytes | bytearray, memoryview]:
-    """A buffer of n bytes to receive a value into, and a writable view of it."""
-    if _FAST_BYTES and n > 0:
-        return _uninit_bytes(n)
-    buf = bytearray(n)
-    return buf, memoryview(buf)
-
-
-class _Reader:
-    """Minimal RESP reader over a socket: lines through a small buffer, bulk bodies by recv_into."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        return len(self.buf)
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self.buf[:end])
-        del self.buf[: end + 2]
-        return line
-
-    def read_into(self, target: memoryview) -> None:
-        have = min(len(self.buf), len(target))
-        target[:have] = self.buf[:have]
-        del self.buf[:have]
-        while have < len(target):
-            got = self.sock.recv_into(target[have:])
-            if not got:
-                raise ConnectionError("Redis closed the connection")
-            have += got
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("Redis closed the connection")
-        self.buf += data
-
-
-# -- a throwaway local server (tests, `ragcomp bench redis`) ------------------------------------
-
-
-@contextlib.contextmanager
-def local_redis_server(
-    workdir: str | os.PathLike[str],
-    *,
-    port: int | None = None,
-    cluster: bool = False,
-    binary: str = "redis-server",
-    timeout: float = 10.0,
-) -> Iterator[str]:
-    """Run a redis-server on 127.0.0.1 with no persistence; yield its URL, stop it on exit.
-
-    A free port is picked when none is given (for a cluster node, one whose bus port, +10000,
-    is free too). Raises StoreError with the server's log when it does not come up.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(5):
-        p = port or _free_port(cluster)
-        log_file = workdir / f"redis-{p}.log"
-        args = [binary, "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(workdir), "--logfile", str(log_file), "--daemonize", "no"]
-        if cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf"]
-            args += ["--cluster-node-timeout", "5000"]
-        try:
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        except OSError as e:
-            raise StoreError(f"cannot start {binary}: {e.strerror or e}") from e
-        try:
-            if _wait_for_ping(proc, p, timeout):
-                yield f"redis://127.0.0.1:{p}/0" if not cluster else f"redis://127.0.0.1:{p}"
-                return
-            if port is not None or attempt == 4:
-                tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-                raise StoreError(f"redis-server on port {p} did not answer PING: {tail.strip()}")
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _free_port(with_bus: bool) -> int:
-    def free(p: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                return False
-            return True
-
-    if not with_bus:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    for _ in range(200):
-        p = random.randint(20000, 40000)
-        if free(p) and free(p + 10000):
-            return p
-    raise StoreError("no free port pair for a Redis Cluster node")
-
-
-def _wait_for_ping(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False  # exited: port taken, bad option...
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.02)
-    return False

@@ -329,14 +329,14 @@ def test_redis_digest_algorithms(redis_url: str, prefix: str, raw, monkeypatch: 
                                  caplog: pytest.LogCaptureFixture) -> None:
     """New entries use xxh3-128 (algorithm 1 in the header); entries of the blake2b format
     (algorithm 0) still read; without xxhash an xxh3 entry is a miss, never deleted."""
-    import ragcomp.stores.redis as mod
+    import ragcomp.stores.redis_format as mod
 
     pytest.importorskip("xxhash")
     store = redis_store(redis_url, prefix, chunk_bytes=1000, inline_bytes=300)
     new, old = random_bytes(4500), random_bytes(4500)
     store.set("new", new)
     assert int.from_bytes(raw.getrange(f"{prefix}h:{{new}}", 6, 7), "little") == 1
-    monkeypatch.setattr(mod, "_WRITE_ALGO", mod._BLAKE2B)
+    monkeypatch.setattr(mod, "WRITE_ALGO", mod.BLAKE2B)
     store.set("old", old)
     store.set("old-inline", b"x" * 100)
     monkeypatch.undo()

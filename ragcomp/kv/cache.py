@@ -288,8 +288,9 @@ class KVCache:
         self._count_prefix(stats, prefix)
         fps = [self._fp(c) for c in chunk_ids]
         keys = [self._key(fp) for fp in fps]
-        # Store reads start now and run while the question is tokenised and earlier chunks rotate.
-        pending = [self.tiers.lookup(k, fp, c, stats) for k, fp, c in zip(keys, fps, chunk_ids, strict=True)]
+        # Store reads start now, all entries in one store call (two pipelined round trips on Redis),
+        # and run while the question is tokenised.
+        pending = self.tiers.lookup_many(list(zip(keys, fps, chunk_ids, strict=True)), stats)
         q_ids = self.question_ids(question)
         total = len(prefix) + sum(len(c) for c in chunk_ids)
         self.engine.check_length(total + len(q_ids) + max_new_tokens)
