@@ -158,6 +158,15 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     items, by_title, corpus = _load_items(args)
     budgets, scorings = _ints(args.budgets), [s.strip() for s in args.scorings.split(",") if s.strip()]
+    # Check every size before the first (slow) one runs: a later size that cannot fit would
+    # otherwise fail after the earlier sizes' minutes of work.
+    window = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
+    room = _DOC_ROOM + args.max_new_tokens
+    too_long = [n for n in _ints(args.doc_tokens) if window and n + room > window]
+    if too_long:
+        raise SystemExit(f"--doc-tokens {too_long} do not fit {lm.name}'s {window} positions with the "
+                         f"prefix, question and {args.max_new_tokens} new tokens; the largest that fits "
+                         f"is {window - room} (use a model with a longer window for more)")
     emb = shared_embedder("minilm")
     rows = []
     for size in _ints(args.doc_tokens):
@@ -201,6 +210,10 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"({args.page_tokens}-token pages), encoded once in {_median(t_encode):.1f} s (median)")
     kv.close()
     return rows
+
+
+# Positions a question needs beyond its document: the shared prefix and the question itself.
+_DOC_ROOM = 256
 
 
 def _rag_answers(kv: Any, emb: Any, question: str, text: str, count: Any, budgets: list[int],
