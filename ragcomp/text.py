@@ -27,6 +27,7 @@ NUMBER_ABBREVIATIONS = frozenset("no nos vol vols pp p op art sec ch fig figs ed
 _TERMINATOR = re.compile(r"[.!?…]+[\"'”’)\]]*|[。！？]+[」』）]*")
 _LIST_ITEM = re.compile(r"\n[ \t]*(?:[-*•·]|\d{1,3}[.)]|[a-zA-Z][.)])[ \t]+")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
+_JOINED_LETTERS = re.compile(r"(?:[a-zA-Z]\.)+[a-zA-Z]")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,22 @@ class Sentence:
     end: int
 
 
+def _word_before(text: str, end: int) -> str:
+    """The letters, digits, underscores and periods right before `end`: what
+    `re.search(r"([\\w.]+)$", text[:end])` finds, without rescanning the text before it (that search
+    was most of the splitter's time) and without copying the prefix. Like `$`, it also ends before
+    one final newline."""
+    if end > 0 and text[end - 1] == "\n":
+        end -= 1
+    start = end
+    while start > 0:
+        ch = text[start - 1]
+        if not (ch == "." or ch == "_" or ch.isalnum()):  # [\w.]: for str patterns \w is isalnum() or "_"
+            break
+        start -= 1
+    return text[start:end]
+
+
 def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
     """True when the period at text[end_of_term-1] is inside an abbreviation or number."""
     nxt = text[end_of_term : end_of_term + 3].lstrip()
@@ -43,9 +60,7 @@ def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
         return True  # '"Yes!" she said', 'approx. five': lower case next, the sentence goes on
     if not term.startswith("."):
         return False
-    # Word right before the period (letters, digits and inner periods).
-    m = re.search(r"([\w.]+)$", text[: end_of_term - len(term)])
-    word = m.group(1) if m else ""
+    word = _word_before(text, end_of_term - len(term))  # letters, digits and inner periods
     if not word:
         return False
     lower = word.lower().rstrip(".")
@@ -56,7 +71,7 @@ def _is_false_stop(text: str, end_of_term: int, term: str) -> bool:
     if len(word) == 1 and word.isalpha() and word.isupper():
         return True  # an initial: "J. R. R. Tolkien"
     # "U.S", "e.g": letters joined by periods.
-    return re.fullmatch(r"(?:[a-zA-Z]\.)+[a-zA-Z]", word) is not None
+    return _JOINED_LETTERS.fullmatch(word) is not None
 
 
 def _boundaries(text: str) -> list[int]:

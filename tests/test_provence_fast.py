@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from ragcomp import Passage  # noqa: E402
 from ragcomp.compressors.deberta_fast import (  # noqa: E402
     FastDebertaV2Encoder,
+    _skew,
     fast_encoder_for,
     unsupported_reason,
 )
@@ -24,6 +25,9 @@ from ragcomp.compressors.provence import (  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import Sentence, split_sentences  # noqa: E402
+
+build_relative_position = pytest.importorskip(
+    "transformers.models.deberta_v2.modeling_deberta_v2").build_relative_position
 
 QUERY = "When did the Eiffel Tower open?"
 SENTENCES = ["The Eiffel Tower is in Paris.", "It opened in 1889.", "Gustave Eiffel's company built it.",
@@ -71,16 +75,38 @@ def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict) -> None:
         assert float(gap) <= 1e-5, (lengths, float(gap))
 
 
-def test_positions_are_cached_and_only_reachable_rows_are_projected() -> None:
-    model = transformers.DebertaV2Model(_v3_config(position_buckets=256, max_position_embeddings=512))
+@pytest.mark.parametrize("buckets", [256, 8, -1])
+def test_position_columns_equal_hf_indices_for_every_query_and_key(buckets: int) -> None:
+    model = transformers.DebertaV2Model(_v3_config(position_buckets=buckets, max_position_embeddings=512))
     fast = FastDebertaV2Encoder(model)
-    c2p, p2c, lo, hi = fast.positions(10, "cpu")
-    assert fast.positions(10, "cpu")[0] is c2p  # built once per length and device
-    # Length 10 is below the 128-wide linear zone: relative positions -9..9, 19 of the 512 rows.
-    assert (lo, hi) == (256 - 9, 256 + 10) and int(c2p.min()) == 0 and int(c2p.max()) == 18
-    assert torch.equal(c2p[0, :3] + lo, torch.tensor([256, 255, 254]))  # query 0 vs keys 0, 1, 2
-    assert torch.equal(p2c, c2p.T)  # -bucket(i - j) == bucket(j - i)
-    assert fast.positions(512, "cpu")[2:] == (1, 512)  # log buckets reach +-255: rows 1..511
+    att = model.encoder.layer[0].attention.self
+    span = att.pos_ebd_size
+    for length in (1, 10, 200):
+        c2p, p2c = fast.positions(length, "cpu")
+        assert fast.positions(length, "cpu")[0] is c2p  # built once per length and device
+        assert c2p.shape == p2c.shape == (2 * length - 1,)
+        probe = torch.empty(length, 0)
+        rel = build_relative_position(probe, probe, bucket_size=att.position_buckets,
+                                      max_position=att.max_relative_positions)[0]
+        hf_c2p = torch.clamp(rel + span, 0, 2 * span - 1)  # HF's [query, key] and [key, query] indices
+        hf_p2c = torch.clamp(-rel + span, 0, 2 * span - 1)
+        i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+        n = length - 1
+        assert torch.equal(c2p[n - i + j], hf_c2p)  # the columns that the skewed views read
+        assert torch.equal(p2c[n + i - j], hf_p2c.T)
+    if buckets == 256:  # distances above 128 are log-bucketed: 199 maps below 199, symmetric rows
+        reach = int(c2p.max()) - span
+        assert 128 < reach < 199 and int(c2p.min()) == span - reach
+
+
+def test_skewed_views_read_the_toeplitz_scores() -> None:
+    scores = torch.arange(2 * 3 * 5 * 9, dtype=torch.float).reshape(2, 3, 5, 9)
+    n = 4
+    c2p, p2c = _skew(scores, query_stride_first=True), _skew(scores, query_stride_first=False)
+    for i in range(5):
+        for j in range(5):
+            assert torch.equal(c2p[..., i, j], scores[..., i, n - i + j])
+            assert torch.equal(p2c[..., i, j], scores[..., j, n + i - j])
 
 
 def test_unsupported_configs_are_refused_and_fall_back_to_hf() -> None:
@@ -161,6 +187,29 @@ def test_failed_capture_warns_and_runs_eagerly() -> None:
     assert run(ids, mask)[1].tolist() == [7]  # no second attempt, no second warning
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str) -> None:
+    # 256 buckets as published, lengths past the 128-wide linear zone, padded rows; on CUDA the
+    # strided views and the padding column run through CUDA kernels (fp32 without TF32).
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(_v3_config(position_buckets=256, max_position_embeddings=512))
+    model = model.to(device).eval()
+    fast = FastDebertaV2Encoder(model)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ids, mask = _padded_batch([300, 141, 7], 320)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask).last_hidden_state
+            ours = fast(ids, mask, None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    # CUDA: SDPA's kernel sums in another order than HF's matmul + softmax.
+    assert float(((ref - ours).abs() * mask[..., None]).max()) <= (1e-5 if device == "cpu" else 1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_on_cuda() -> None:
     torch.manual_seed(0)
@@ -184,9 +233,15 @@ def tok() -> transformers.PreTrainedTokenizerBase:
     return transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
-def test_compressor_scores_equal_with_and_without_fast_encoder(tok) -> None:
+def _tiny_provence() -> ProvenceModel:
+    """A DeBERTa-v3-style Provence with BERT's vocabulary (the MiniLM tokenizer's ids fit)."""
     torch.manual_seed(0)
-    net = ProvenceModel(_v3_config(vocab_size=30522, max_position_embeddings=128, position_buckets=16)).eval()
+    config = _v3_config(vocab_size=30522, max_position_embeddings=128, position_buckets=16)
+    return ProvenceModel(config).eval()
+
+
+def test_compressor_scores_equal_with_and_without_fast_encoder(tok) -> None:
+    net = _tiny_provence()
     passages = [Passage(str(i), " ".join(SENTENCES[i:] + SENTENCES[:i] * (i % 3))) for i in range(6)]
     kwargs = dict(encoder_tokenizer=tok, threshold=0.3, window=48, batch_size=4)
     fast = ProvenceCompressor(net, **kwargs).score(QUERY, passages)
@@ -245,3 +300,41 @@ def test_direct_tokenizer_call_equals_the_wrapper(tok) -> None:
     finally:
         tok.backend_tokenizer.no_truncation()
     assert _encode(tok, []) == ([], [])
+
+
+def test_passage_cache_reuses_text_work_and_changes_no_score(tok) -> None:
+    net = _tiny_provence()
+    passages = [Passage(str(i), " ".join(SENTENCES[i:] + SENTENCES[:i])) for i in range(3)]
+    cold = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, passage_cache=0)
+    warm = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, passage_cache=2)
+    ref = cold.score(QUERY, passages)
+    first = warm.score(QUERY, passages)
+    first[0].sentences.clear()  # a caller editing its result must not reach the cache
+    second = warm.score("Who built the tower?", passages[1:])  # another question, same texts
+    third = warm.score(QUERY, passages)
+    assert len(cold.passage_cache) == 0 and len(warm.passage_cache) == 2  # bounded, least recent out
+    assert (warm.passage_cache.hits, warm.passage_cache.misses) == (2 + 2, 3 + 1)
+    assert [s.text for s in second[0].sentences] == [s.text for s in ref[1].sentences]
+    for a, b in zip(ref, third, strict=True):
+        assert a.ranking == b.ranking and a.windows == b.windows and a.sentences == b.sentences
+        assert np.array_equal(a.token_probs, b.token_probs)
+        assert np.array_equal(a.sentence_scores, b.sentence_scores)
+    warm._encoder_tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    warm.score(QUERY, passages[:1])  # another tokenizer object: the cache starts again
+    assert len(warm.passage_cache) == 1
+
+
+def test_question_groups_give_the_scores_of_one_call_per_question(tok) -> None:
+    net = _tiny_provence()
+    questions = [QUERY, "Who built it?", "", "Are cats pets?"]
+    passages = [[Passage(f"{q}-{i}", " ".join(SENTENCES[i:] + SENTENCES[:i] * (i % 3))) for i in range(n)]
+                for q, n in zip(range(4), (3, 0, 2, 4), strict=True)]
+    comp = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, batch_size=2, passage_cache=0)
+    assert comp._question_groups(passages) == [[0], [1, 2], [3]]  # >= batch_size passages per group
+    together = comp.score_batch(questions, passages)
+    for q, ps, got in zip(questions, passages, together, strict=True):
+        alone = comp.score(q, ps)
+        assert [s.passage.id for s in got] == [p.id for p in ps]
+        for a, b in zip(alone, got, strict=True):
+            assert a.windows == b.windows and abs(a.ranking - b.ranking) <= 1e-6
+            np.testing.assert_allclose(a.token_probs, b.token_probs, atol=1e-6)

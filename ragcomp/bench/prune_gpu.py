@@ -9,6 +9,20 @@ times each question end to end (`compress`). `max_dprob_vs_hf` is the largest ke
 difference to the `hf` row of the same dtype on the first question. A second table times the
 CPU-side steps alone (tokenising, windows, sentences, batch arrays).
 
+Every row is cold: the compressor's passage cache is off, and each question has its own passages.
+One extra row (`... warm cache`, the last path) keeps the cache on: its timed pass sees passages
+that the warm-up pass already tokenised and split, as a corpus whose passages come back would.
+
+`--profile N` then records N questions of each path under torch.profiler and prints, per question,
+the CPU and GPU (CUDA) time of the compressor's named ranges (provence.tokenize, .windows,
+.batch_arrays, .forward, graphs.copy_in/.replay/.copy_out, .d2h, .sentences, .wait, .sentence_means,
+.select) and the GPU kernels that take the most time; `--trace DIR` also writes Chrome traces.
+
+LLMLingua-2 counts tokens with tiktoken's cl100k_base, whose BPE file tiktoken downloads unless
+it is in TIKTOKEN_CACHE_DIR: `--tiktoken-cache DIR` names a folder holding it (file name: the
+SHA-1 of its URL, 9b5ad71b2ce5302211f9c61530b329a4922fc6a4, 1.7 MB); by default the copy that
+llama-index-core ships is used when installed.
+
     ragcomp bench prune-gpu --questions 20 --passages 20 --words 150      # on a CUDA machine
     ragcomp bench prune-gpu --small --device cpu                           # a quick dry run
 """
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +66,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", default=None, help="e.g. bf16,fp32 (default: both on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="record N questions per path under torch.profiler and print where the time goes")
+    p.add_argument("--trace", default=None, metavar="DIR", help="with --profile: Chrome traces here")
+    p.add_argument("--tiktoken-cache", default=None, metavar="DIR",
+                   help="folder with tiktoken's cl100k_base file (LLMLingua-2 row; no download)")
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -85,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ragcomp.models import minilm_path, resolve_dtype
 
+    if args.tiktoken_cache and not args.skip_llmlingua:
+        _use_tiktoken_cache(args.tiktoken_cache)  # checked first: a wrong folder fails before the long rows
     dev = args.device
     on_gpu = dev.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -104,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for dtype in dtypes:
         rows += _provence_rows(args, deberta, dtype, paths, items, tok, sync)
+    if args.profile:
+        _profile(args, deberta, dtypes[0], paths, items, tok, sync)
     if not args.skip_llmlingua:
         rows += _llmlingua(args, items, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
@@ -124,7 +148,6 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
                    tok: Any, sync: Any) -> list[dict[str, Any]]:
     import torch
 
-    from ragcomp.compressors.provence import ProvenceCompressor
     from ragcomp.compressors.provence_model import ProvenceModel
 
     dev, on_gpu = args.device, args.device.startswith("cuda")
@@ -132,14 +155,14 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
     model = ProvenceModel(config).to(dev, dtype).eval()
     label = str(dtype).split(".")[-1]
     rows, reference = [], None
-    for path in paths:
-        comp = ProvenceCompressor(model, encoder_tokenizer=tok, device=dev, batch_size=args.batch_size,
-                                  fast_encoder=path != "hf", cuda_graphs=path == "graphs")
+    # Cold rows (no passage cache), then the last path again with the cache on (warm).
+    for path, cache in [(p, 0) for p in paths] + [(paths[-1], 1024)]:
+        comp = _compressor(model, tok, args, path, cache)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
-        row = _row(f"ragcomp provence {path} ({label})", times, args)
+        row = _row(f"ragcomp provence {path} ({label}){' warm cache' if cache else ''}", times, args)
         row["warmup_s"] = round(time.perf_counter() - t0 - sum(times), 2)
         probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
         reference = probs if reference is None else reference
@@ -153,6 +176,72 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
     if on_gpu:
         torch.cuda.empty_cache()
     return rows
+
+
+def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int) -> Any:
+    from ragcomp.compressors.provence import ProvenceCompressor
+
+    return ProvenceCompressor(model, encoder_tokenizer=tok, device=args.device, batch_size=args.batch_size,
+                              fast_encoder=path != "hf", cuda_graphs=path == "graphs", passage_cache=cache)
+
+
+def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
+             tok: Any, sync: Any) -> None:
+    """Per path: the compressor's named ranges (CPU and GPU ms per question) and the top GPU kernels."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from ragcomp.compressors.provence_model import ProvenceModel
+
+    on_gpu = args.device.startswith("cuda")
+    torch.manual_seed(0)
+    model = ProvenceModel(config).to(args.device, dtype).eval()
+    n = min(args.profile, len(items))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    for path in paths:
+        comp = _compressor(model, tok, args, path, 0)
+        for it in items:  # warm-up, untimed: kernels and graph captures out of the record
+            comp.compress(*it)
+        sync()
+        walls = []
+        with profile(activities=activities) as prof:
+            for it in items[:n]:
+                t = time.perf_counter()
+                comp.compress(*it)
+                sync()
+                walls.append(time.perf_counter() - t)
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(args.trace) / f"prune_gpu_{path}.json"))
+        events = prof.key_averages()
+        rows = [{"range": e.key, "calls_per_q": round(e.count / n, 2),
+                 "cpu_ms_per_q": round(e.cpu_time_total / n / 1e3, 3),
+                 "gpu_ms_per_q": round(_device_us(e) / n / 1e3, 3)}
+                for e in events if e.key.startswith(("provence.", "graphs."))]
+        # Kernel and copy rows only: a CPU op's self GPU time counts the same kernels again.
+        kernel_us = sum(_device_us(e, self_only=True) for e in events
+                        if getattr(e, "device_type", None) == DeviceType.CUDA)
+        rows.append({"range": "ALL GPU work (sum of kernels and copies)", "calls_per_q": None,
+                     "cpu_ms_per_q": None, "gpu_ms_per_q": round(kernel_us / n / 1e3, 3)})
+        rows.append({"range": "wall per question (under the profiler)", "calls_per_q": None,
+                     "cpu_ms_per_q": round(statistics.median(walls) * 1e3, 3), "gpu_ms_per_q": None})
+        label = str(dtype).split(".")[-1]
+        print_table(rows, f"Profile of path {path} ({label}, {n} questions): per question")
+        sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=20, max_name_column_width=60))
+        del comp
+    del model
+
+
+def _device_us(event: Any, self_only: bool = False) -> float:
+    """GPU microseconds of a profiler row (torch renamed cuda_* to device_* around 2.4)."""
+    prefix = "self_" if self_only else ""
+    for name in (f"{prefix}device_time_total", f"{prefix}cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
 
 
 def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
@@ -170,8 +259,8 @@ def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
     steps: dict[str, list[float]] = {"tokenize": [], "windows": [], "batch arrays": [], "sentences": []}
     for q, passages in items:
         t0 = time.perf_counter()
-        (q_ids,), _ = _encode(tok, [q])
-        p_ids, offsets = _encode(tok, passages)
+        ids, offs_all = _encode(tok, [q, *passages])  # one call, as the compressor does
+        q_ids, p_ids, offsets = ids[0], ids[1:], offs_all[1:]
         t1 = time.perf_counter()
         windows: list[Window] = [w for ids in p_ids for w in comp.encode_windows(q_ids, ids, tok, 512)]
         t2 = time.perf_counter()
@@ -215,6 +304,18 @@ def _llmlingua(args: argparse.Namespace, items: list[Any], size: dict[str, int],
         times = _time(go, items, sync)
     dtype = str(next(pc.model.parameters()).dtype).split(".")[-1]
     return [_row(f"llmlingua 0.2 LLMLingua-2 ({dtype})", times, args)]
+
+
+CL100K_FILE = "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"  # sha1 of tiktoken's cl100k_base URL
+
+
+def _use_tiktoken_cache(folder: str) -> None:
+    """Point tiktoken at `folder`, which must hold cl100k_base (else tiktoken would try to download)."""
+    path = Path(folder).resolve()
+    if not (path / CL100K_FILE).is_file():
+        raise SystemExit(f"--tiktoken-cache {folder}: no {CL100K_FILE} (cl100k_base) there; copy it from "
+                         "llama_index/core/_static/tiktoken_cache/ of an installed llama-index-core")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(path)
 
 
 def _row(name: str, times: list[float], args: argparse.Namespace) -> dict[str, Any]:

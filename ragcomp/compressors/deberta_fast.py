@@ -4,12 +4,16 @@ Same math as `transformers.models.deberta_v2.modeling_deberta_v2` (checked again
 the host-side work taken out of the per-layer loop:
 
 - the bucketed relative positions (`build_relative_position`, HF's own function) are built once per
-  sequence length and device and cached, together with the c2p/p2c gather indices;
-- the relative embeddings are LayerNorm'd once per forward (HF: once per layer), and only the rows
-  that the cached indices can reach are projected (a short sequence never looks 256 buckets away);
+  sequence length and device and cached, as one embedding row per distance for c2p and p2c;
+- the relative embeddings are LayerNorm'd once per forward (HF: once per layer);
+- the bucketed position of query i and key j depends on i - j only, so the c2p and p2c scores are
+  computed once per distance ([batch, heads, length, 2 * length - 1], one embedding row per
+  distance, picked once per forward) and read through a strided view: no [batch, heads, length,
+  length] gather and no index tensor of that size (HF gathers twice per layer);
 - attention is `scaled_dot_product_attention` with one additive float bias per layer:
   (c2p + p2c) / scale plus the key padding mask, scale = sqrt(head_dim * (1 + len(pos_att_type)))
-  rounded to the model dtype as HF rounds it.
+  rounded to the model dtype as HF rounds it; the padding mask enters through one extra column of
+  the p2c product, so the bias is written in one pass.
 
 Outputs equal HF's last hidden state at every non-padding position (padding rows differ: HF masks
 padding queries too, which only changes rows nobody reads). Inference only: dropout is not applied,
@@ -76,22 +80,33 @@ class FastDebertaV2Encoder:
         exact = torch.sqrt(torch.tensor(self.head_dim, dtype=torch.float) * self.scale_factor)
         return float(exact.to(dtype))
 
-    def positions(self, length: int, device: Any) -> tuple[Any, Any, int, int]:
-        """(c2p index, p2c index, lo, hi) for a sequence of `length`: gather indices into the projected
-        embedding rows [lo, hi), built once per length and device (HF rebuilds them every layer)."""
+    def positions(self, length: int, device: Any) -> tuple[Any, Any]:
+        """(c2p rows, p2c rows) for a sequence of `length`: which relative-embedding row each of the
+        2 * length - 1 columns of the position scores uses, built once per length and device (HF
+        rebuilds its [length, length] indices every layer).
+
+        DeBERTa's bucketed relative position of query i and key j depends on i - j only, so every
+        position bias is a Toeplitz matrix: a column per distance, then a strided view (`_skew`) in
+        place of HF's gather over [batch, heads, length, length] indices. Columns, with
+        n = length - 1: c2p column c holds distance n - c (query i reads columns n - i .. 2n - i);
+        p2c column c holds distance c - n."""
         key = (length, str(device))
         cached = self._positions.get(key)
         if cached is None:
             probe = torch.empty(length, 0)  # build_relative_position reads only sizes and device
             rel = _deberta.build_relative_position(probe, probe, bucket_size=self.position_buckets,
                                                    max_position=self.max_relative_positions)[0]
-            span = self.span
-            c2p = torch.clamp(rel + span, 0, span * 2 - 1)
-            # p2c is indexed [key, query] as in HF: gathered along the key rows, then transposed.
-            p2c = torch.clamp(-rel + span, 0, span * 2 - 1)
-            lo = int(min(c2p.min(), p2c.min()))
-            hi = int(max(c2p.max(), p2c.max())) + 1
-            cached = ((c2p - lo).to(device).contiguous(), (p2c - lo).to(device).contiguous(), lo, hi)
+            # bucket[d + n] = rel[i, j] for any i - j = d (HF's buckets are a function of i - j).
+            bucket = torch.cat([rel[0, 1:].flip(0), rel[:, 0]])
+            i = torch.arange(length)
+            if not torch.equal(bucket[length - 1 + i[:, None] - i[None, :]], rel):  # once per length
+                raise RuntimeError("transformers' DeBERTa relative positions no longer depend on i - j "
+                                   "only; deberta_fast.positions must be rewritten for them")
+            top = self.span * 2 - 1
+            c2p = torch.clamp(bucket.flip(0) + self.span, 0, top)  # HF: clamp(rel[i, j] + span)
+            # HF indexes p2c [key, query]: clamp(-rel[j, i] + span), and rel[j, i] is bucket[n - d].
+            p2c = torch.clamp(-bucket.flip(0) + self.span, 0, top)
+            cached = (c2p.to(device), p2c.to(device))
             self._positions[key] = cached
         return cached
 
@@ -102,16 +117,18 @@ class FastDebertaV2Encoder:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         h = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
-        length = input_ids.shape[1]
-        c2p_index, p2c_index, lo, hi = self.positions(length, input_ids.device)
+        c2p_rows, p2c_rows = self.positions(input_ids.shape[1], input_ids.device)
         encoder = model.encoder
-        rel = encoder.get_rel_embedding()[lo:hi]  # LayerNorm'd once, not once per layer
+        rel = encoder.get_rel_embedding()  # LayerNorm'd once, not once per layer
+        # Each score column's embedding row, picked once for all layers (2 * length - 1 rows each).
+        rel_c2p, rel_p2c = rel[c2p_rows], rel[p2c_rows]
         # Key padding as an additive bias; the most negative finite value keeps fully padded rows finite.
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
+        padding = _padding_columns(key_bias, rel_p2c) if "p2c" in self.pos_types else None
         for layer in encoder.layer:
             attention = layer.attention
-            context = self._attention(attention.self, h, rel, key_bias, c2p_index, p2c_index, scale)
+            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
             a = attention.output(context, h)  # dense + residual LayerNorm (HF modules, no copy)
             h = layer.output(layer.intermediate(a), a)
         return h
@@ -119,28 +136,61 @@ class FastDebertaV2Encoder:
     def _split_heads(self, x: Any) -> Any:
         return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(-3, -2)
 
-    def _attention(self, att: Any, h: Any, rel: Any, key_bias: Any, c2p_index: Any, p2c_index: Any,
-                   scale: float) -> Any:
+    def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
+                   padding: tuple[Any, Any] | None, scale: float) -> Any:
         batch, length, _ = h.shape
         q = self._split_heads(att.query_proj(h))  # [batch, heads, length, head_dim]
         k = self._split_heads(att.key_proj(h))
         v = self._split_heads(att.value_proj(h))
-        expand = (batch, self.heads, length, length)
-        # 1/scale goes on the few projected position rows, not on the [batch, heads, length, length]
-        # scores; the biases are then summed in place (each full pass over them is memory traffic).
-        bias = None
+        # 1/scale goes on the position rows, not on the [batch, heads, length, length] scores. Each
+        # bias is a strided view of [.., length, 2 * length - 1] scores (no gather, no index tensor);
+        # the key padding rides in the p2c product (see `_padding_columns`), so one add builds the bias.
+        views = []
         if "c2p" in self.pos_types:
-            pos_key = self._split_heads((att.key_proj if self.share_att_key else att.pos_key_proj)(rel))
-            c2p = torch.matmul(q, pos_key.transpose(-1, -2) / scale)  # [batch, heads, length, rows]
-            bias = torch.gather(c2p, -1, c2p_index.expand(expand))
+            key_proj = att.key_proj if self.share_att_key else att.pos_key_proj
+            pos_key = self._split_heads(key_proj(rel_c2p))
+            c2p = torch.matmul(q, pos_key.transpose(-1, -2) / scale)  # [batch, heads, query, column]
+            views.append(_skew(c2p, query_stride_first=True))
         if "p2c" in self.pos_types:
-            pos_query = self._split_heads((att.query_proj if self.share_att_key else att.pos_query_proj)(rel))
-            p2c = torch.matmul(k, pos_query.transpose(-1, -2) / scale)  # [batch, heads, key, rows]
-            p2c = torch.gather(p2c, -1, p2c_index.expand(expand)).transpose(-1, -2)
-            bias = p2c.contiguous() if bias is None else bias.add_(p2c)
-        bias = bias.add_(key_bias)
+            query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
+            pos_query = self._split_heads(query_proj(rel_p2c))
+            key_columns, unit_columns = padding  # type: ignore[misc]
+            k_padded = torch.cat([k, key_columns.expand(batch, self.heads, -1, -1)], -1)
+            pos_padded = torch.cat([pos_query / scale, unit_columns.expand(self.heads, -1, -1)], -1)
+            p2c = torch.matmul(k_padded, pos_padded.transpose(-1, -2))  # [batch, heads, key, column]
+            views.append(_skew(p2c, query_stride_first=False))
+        if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
+            bias = torch.add(*views, out=q.new_empty(batch, self.heads, length, length))
+        else:
+            bias = views[0].contiguous() if padding is not None else views[0] + key_bias
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+
+
+_EXTRA_COLUMNS = 8  # keeps head_dim + extra a multiple of 8 (tensor-core friendly matmul shapes)
+
+
+def _padding_columns(key_bias: Any, rel_p2c: Any) -> tuple[Any, Any]:
+    """Columns appended to the keys ([batch, 1, length, 8]: each key's padding bias, then zeros) and
+    to the p2c position rows ([1, rows, 8]: 1, then zeros): their product adds the key's padding bias
+    to every p2c score of that key, inside the matmul, instead of one more pass over the full bias.
+    Exact: an unpadded key adds 0 * 1."""
+    batch, length = key_bias.shape[0], key_bias.shape[-1]
+    key_columns = key_bias.new_zeros(batch, 1, length, _EXTRA_COLUMNS)
+    key_columns[..., 0] = key_bias[:, 0]  # [batch, 1, length]
+    unit_columns = key_bias.new_zeros(1, rel_p2c.shape[0], _EXTRA_COLUMNS)
+    unit_columns[..., 0] = 1.0
+    return key_columns, unit_columns
+
+
+def _skew(scores: Any, query_stride_first: bool) -> Any:
+    """[batch, heads, query, key] view of contiguous `scores` [batch, heads, length, 2 * length - 1]
+    (n = length - 1). c2p (`query_stride_first`, rows are queries): bias[i, j] = scores[i, n - i + j].
+    p2c (rows are keys): bias[i, j] = scores[j, n + i - j]. Both are fixed strides from offset n."""
+    batch, heads, length, width = scores.shape
+    strides = (width - 1, 1) if query_stride_first else (1, width - 1)
+    return scores.as_strided((batch, heads, length, length), (heads * length * width, length * width,
+                             *strides), scores.storage_offset() + length - 1)
 
 
 def fast_encoder_for(model: Any) -> FastDebertaV2Encoder | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 from ragcomp._optional import require
 from ragcomp.base import Compressor, PassageLike, as_passages
 from ragcomp.compressors._common import check_fraction, check_int
-from ragcomp.compressors.graphed import round_up, to_host
+from ragcomp.compressors.graphed import profile_range, round_up, to_host
 from ragcomp.models import default_device, resolve_dtype
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -44,6 +45,57 @@ class Window:
     lo: int
     hi: int
     offset: int
+
+
+@dataclass
+class PassageWork:
+    """The CPU work on one passage that depends only on its text (and the tokenizer)."""
+
+    ids: list[int]
+    sentences: list[Sentence]
+    token_sentence: np.ndarray  # the sentence each token belongs to, -1 for none
+
+
+class PassageCache:
+    """Bounded LRU of `PassageWork` by passage text, for one tokenizer (a new one empties it).
+
+    Tokens and sentences are pure functions of the text, so an entry is never stale; a corpus
+    passage that comes back in a later question skips tokenising and sentence splitting."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[str, PassageWork] = OrderedDict()
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def get(self, tokenizer: Any, text: str) -> PassageWork | None:
+        with self._lock:
+            if tokenizer is not self._tokenizer:
+                self._items.clear()
+                self._tokenizer = tokenizer
+            work = self._items.get(text)
+            if work is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._items.move_to_end(text)
+            return work
+
+    def put(self, tokenizer: Any, text: str, work: PassageWork) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            if tokenizer is not self._tokenizer:
+                return  # computed with a tokenizer that another call has replaced meanwhile
+            self._items[text] = work
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -77,6 +129,8 @@ class ProvenceCompressor(Compressor):
     `fast_encoder` runs a DeBERTa-v2/v3 backbone through `deberta_fast.FastDebertaV2Encoder` (same
     outputs, far less host work; other backbones keep their HF forward); `cuda_graphs` replays the
     forward from CUDA graphs on CUDA (shapes bucketed; see `graphed.py`; ignored elsewhere).
+    `passage_cache` keeps the tokens and sentences of that many recent passage texts (LRU; 0: none),
+    so passages that come back in later questions skip that CPU work.
     """
 
     name = "provence"
@@ -100,6 +154,7 @@ class ProvenceCompressor(Compressor):
         separator: str = "\n\n",
         fast_encoder: bool = True,
         cuda_graphs: bool = True,
+        passage_cache: int = 1024,
     ) -> None:
         super().__init__(tokenizer, separator)
         threshold = check_fraction("threshold", threshold)
@@ -111,6 +166,7 @@ class ProvenceCompressor(Compressor):
         check_int("window", window, 8)
         check_int("stride", stride, 0)
         check_int("batch_size", batch_size, 1, allow_none=False)
+        check_int("passage_cache", passage_cache, 0, allow_none=False)
         self.model = model if isinstance(model, str) else type(model).__name__
         self.threshold = float(threshold)
         self.rerank = rerank
@@ -127,6 +183,7 @@ class ProvenceCompressor(Compressor):
         self._encoder_tokenizer = encoder_tokenizer
         self.fast_encoder = fast_encoder
         self.cuda_graphs = cuda_graphs
+        self.passage_cache = PassageCache(passage_cache)
         self._lock = threading.Lock()
 
     # -- model -----------------------------------------------------------------------------
@@ -202,9 +259,12 @@ class ProvenceCompressor(Compressor):
                 run = net.runner(self.fast_encoder, self.cuda_graphs, pad_id, self.batch_size)
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
-                    inputs = _batch_inputs([windows[i] for i in chunk], pad_id, 8 if on_cuda else 1)
-                    keep, rank = run(*(torch.from_numpy(x) for x in inputs))
-                    batches.append((chunk, to_host(keep), to_host(rank)))
+                    with profile_range("provence.batch_arrays"):
+                        inputs = _batch_inputs([windows[i] for i in chunk], pad_id, 8 if on_cuda else 1)
+                    with profile_range("provence.forward"):
+                        keep, rank = run(*(torch.from_numpy(x) for x in inputs))
+                    with profile_range("provence.d2h"):
+                        batches.append((chunk, to_host(keep), to_host(rank)))
             finally:
                 if training:
                     net.train(True)
@@ -231,30 +291,77 @@ class ProvenceCompressor(Compressor):
     def score_batch(
         self, queries: list[str], passages_per_query: list[list[Passage]]
     ) -> list[list[PassageScores]]:
-        """Ranking score, sentences, sentence scores and token keep probabilities of every passage."""
+        """Ranking score, sentences, sentence scores and token keep probabilities of every passage.
+
+        Questions go in groups of about one batch of windows: each group is tokenised (one call,
+        questions and new passages together) and launched before the next one is tokenised, so the
+        GPU starts early and the CPU work of later groups and the sentences run while it computes."""
         net, tok, lock = self._load()
         if not getattr(tok, "is_fast", False):
             raise ValueError("the encoder's tokenizer must be a fast tokenizer (it needs character offsets)")
         size = self._window_size(net, tok)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         flat = [(qi, p) for qi, ps in enumerate(passages_per_query) for p in ps]
-        with lock:  # fast tokenizers are not safe to share across threads either
-            q_ids, _ = _encode(tok, list(queries))
-            p_ids, offsets = _encode(tok, [p.text for _, p in flat])
+        work: list[PassageWork | None] = [self.passage_cache.get(tok, p.text) for _, p in flat]
+        fresh: dict[int, tuple[list[int], Any]] = {}  # flat index -> (ids, offsets) tokenised now
         windows: list[Window] = []
         owner: list[int] = []
-        for j, (qi, _) in enumerate(flat):
-            ws = self.encode_windows(q_ids[qi], p_ids[j], tok, size)
-            windows.extend(ws)
-            owner.extend([j] * len(ws))
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        collect = self._launch(net, lock, pad_id, windows) if windows else None
-        # CPU work while the GPU runs: sentences, and which sentence each token belongs to.
-        sentences = [split_sentences(p.text) for _, p in flat]
-        token_sentence = [_token_sentences(sents, offs)
-                          for sents, offs in zip(sentences, offsets, strict=True)]
-        ranks, probs = collect() if collect is not None else ([], [])
-        sums = [np.zeros(len(p_ids[j]), np.float64) for j in range(len(flat))]
-        counts = [np.zeros(len(p_ids[j]), np.float64) for j in range(len(flat))]
+        collects: list[Callable[[], tuple[list[float], list[np.ndarray]]]] = []
+        first = 0
+        for group in self._question_groups(passages_per_query):
+            js = list(range(first, first + sum(len(passages_per_query[qi]) for qi in group)))
+            first = js[-1] + 1 if js else first
+            new = [j for j in js if work[j] is None]
+            with profile_range("provence.tokenize"), lock:  # fast tokenizers are not thread-safe either
+                ids, offsets = _encode(tok, [queries[qi] for qi in group] + [flat[j][1].text for j in new])
+            q_ids = dict(zip(group, ids[: len(group)], strict=True))
+            fresh.update((j, (ids[len(group) + n], offsets[len(group) + n])) for n, j in enumerate(new))
+            with profile_range("provence.windows"):
+                group_windows: list[Window] = []
+                for j in js:
+                    p_ids = fresh[j][0] if j in fresh else work[j].ids  # type: ignore[union-attr]
+                    ws = self.encode_windows(q_ids[flat[j][0]], p_ids, tok, size)
+                    group_windows.extend(ws)
+                    owner.extend([j] * len(ws))
+            if group_windows:
+                collects.append(self._launch(net, lock, pad_id, group_windows))
+            windows.extend(group_windows)
+        # CPU work while the GPU runs: sentences of the new passages, and which sentence each token is in.
+        with profile_range("provence.sentences"):
+            for j, (p_ids, offs) in fresh.items():
+                sents = split_sentences(flat[j][1].text)
+                work[j] = PassageWork(p_ids, sents, _token_sentences(sents, offs))
+                self.passage_cache.put(tok, flat[j][1].text, work[j])  # type: ignore[arg-type]
+        ranks: list[float] = []
+        probs: list[np.ndarray] = []
+        with profile_range("provence.wait"):
+            for collect in collects:
+                r, pr = collect()
+                ranks += r
+                probs += pr
+        with profile_range("provence.sentence_means"):
+            return self._passage_scores(len(queries), flat, work, windows, owner, ranks, probs)  # type: ignore[arg-type]
+
+    def _question_groups(self, passages_per_query: list[list[Passage]]) -> list[list[int]]:
+        """Consecutive questions in groups of at least `batch_size` passages (the last one may be less)."""
+        groups: list[list[int]] = [[]]
+        count = 0
+        for qi, ps in enumerate(passages_per_query):
+            if count >= self.batch_size:
+                groups.append([])
+                count = 0
+            groups[-1].append(qi)
+            count += len(ps)
+        return groups
+
+    @staticmethod
+    def _passage_scores(n_queries: int, flat: list[tuple[int, Passage]], work: list[PassageWork],
+                        windows: list[Window], owner: list[int], ranks: list[float],
+                        probs: list[np.ndarray]) -> list[list[PassageScores]]:
+        """Window outputs folded back per passage: keep probabilities averaged where windows overlap,
+        ranking = best window, sentence scores = mean keep probability of each sentence's tokens."""
+        sums = [np.zeros(len(w.ids), np.float64) for w in work]
+        counts = [np.zeros(len(w.ids), np.float64) for w in work]
         best: list[float | None] = [None] * len(flat)
         spans: list[list[tuple[int, int]]] = [[] for _ in flat]
         for w, j, r, pr in zip(windows, owner, ranks, probs, strict=True):
@@ -262,11 +369,13 @@ class ProvenceCompressor(Compressor):
             counts[j][w.lo : w.hi] += 1
             best[j] = r if best[j] is None else max(best[j], r)  # type: ignore[type-var]
             spans[j].append((w.lo, w.hi))
-        out: list[list[PassageScores]] = [[] for _ in queries]
+        out: list[list[PassageScores]] = [[] for _ in range(n_queries)]
         for j, (qi, p) in enumerate(flat):
             token_probs = (sums[j] / np.maximum(counts[j], 1)).astype(np.float32)
-            sent_scores = _mean_by_sentence(token_sentence[j], len(sentences[j]), token_probs)
-            out[qi].append(PassageScores(p, best[j], sentences[j], sent_scores, token_probs, spans[j]))
+            pw = work[j]
+            sent_scores = _mean_by_sentence(pw.token_sentence, len(pw.sentences), token_probs)
+            # A copy of the cached list: callers may edit what they get.
+            out[qi].append(PassageScores(p, best[j], list(pw.sentences), sent_scores, token_probs, spans[j]))
         return out
 
     def score(self, query: str, passages: list[PassageLike]) -> list[PassageScores]:
@@ -276,7 +385,9 @@ class ProvenceCompressor(Compressor):
     def _compress_batch(
         self, queries: list[str], passages_per_query: list[list[Passage]]
     ) -> list[list[Compressed]]:
-        return [self._select(s) for s in self.score_batch(queries, passages_per_query)]
+        scored = self.score_batch(queries, passages_per_query)
+        with profile_range("provence.select"):
+            return [self._select(s) for s in scored]
 
     def _compress(self, query: str, passages: list[Passage]) -> list[Compressed]:
         return self._compress_batch([query], [passages])[0]

@@ -1,0 +1,40 @@
+"""`python -m ragcomp.bench.prune_gpu`: its --profile ranges and its offline tiktoken folder."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from ragcomp.bench import prune_gpu
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_tiktoken_folder_is_checked_and_exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit, match=prune_gpu.CL100K_FILE):
+        prune_gpu._use_tiktoken_cache(str(tmp_path))
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ
+    (tmp_path / prune_gpu.CL100K_FILE).write_bytes(b"")
+    prune_gpu._use_tiktoken_cache(str(tmp_path))
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path.resolve())
+
+
+@pytest.mark.skipif(not (DATA / "qa_dev.jsonl").exists(), reason="needs ../shared/data")
+def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixture[str]) -> None:
+    code = prune_gpu.main(["--small", "--device", "cpu", "--questions", "2", "--passages", "3",
+                           "--words", "60", "--paths", "fast", "--skip-llmlingua", "--profile", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("tokenize", "windows", "batch_arrays", "forward", "d2h", "sentences", "wait",
+                 "sentence_means", "select"):
+        row = re.search(rf"\| provence\.{name} +\| ([\d.]+) +\| ([\d.]+) ", out)
+        assert row is not None, name
+        assert float(row.group(1)) == 1.0 and float(row.group(2)) > 0  # one call per question, timed
+    assert "fast (float32) warm cache" in out  # the cached row next to the cold ones
