@@ -61,10 +61,11 @@ def _padded_batch(lengths: list[int], width: int, vocab: int = 200) -> tuple[tor
     {"share_att_key": False, "pos_att_type": ["c2p"], "norm_rel_ebd": "none", "position_buckets": -1},
     {"pos_att_type": ["p2c"], "position_biased_input": True, "type_vocab_size": 2},
 ])
-def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])  # flex: compiled, inductor's CPU backend
+def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict, attention: str) -> None:
     torch.manual_seed(0)
     model = transformers.DebertaV2Model(_v3_config(**overrides)).eval()
-    fast = FastDebertaV2Encoder(model)
+    fast = FastDebertaV2Encoder(model, attention=attention)
     for lengths, width in (([40, 25, 3], 40), ([7], 7), ([60, 33], 64)):
         ids, mask = _padded_batch(lengths, width)
         types = (torch.arange(width) >= 5).long().expand(len(lengths), width).contiguous()
@@ -99,14 +100,19 @@ def test_position_columns_equal_hf_indices_for_every_query_and_key(buckets: int)
         assert 128 < reach < 199 and int(c2p.min()) == span - reach
 
 
-def test_skewed_views_read_the_toeplitz_scores() -> None:
-    scores = torch.arange(2 * 3 * 5 * 9, dtype=torch.float).reshape(2, 3, 5, 9)
+@pytest.mark.parametrize("width", [9, 16])  # 2 * length - 1, and rounded up to aligned rows
+def test_skewed_views_read_the_toeplitz_scores(width: int) -> None:
+    # Head-major scores, as the encoder computes them, read through a batch-major view.
+    scores = torch.arange(3 * 2 * 5 * width, dtype=torch.float).reshape(3, 2, 5, width).transpose(0, 1)
     n = 4
     c2p, p2c = _skew(scores, query_stride_first=True), _skew(scores, query_stride_first=False)
+    assert c2p.shape == p2c.shape == (2, 3, 5, 5)
     for i in range(5):
         for j in range(5):
             assert torch.equal(c2p[..., i, j], scores[..., i, n - i + j])
             assert torch.equal(p2c[..., i, j], scores[..., j, n + i - j])
+    with pytest.raises(ValueError, match="unit column stride"):
+        _skew(scores.transpose(-1, -2), query_stride_first=True)
 
 
 def test_unsupported_configs_are_refused_and_fall_back_to_hf() -> None:
@@ -187,15 +193,19 @@ def test_failed_capture_warns_and_runs_eagerly() -> None:
     assert run(ids, mask)[1].tolist() == [7]  # no second attempt, no second warning
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str, attention: str) -> None:
     # 256 buckets as published, lengths past the 128-wide linear zone, padded rows; on CUDA the
-    # strided views and the padding column run through CUDA kernels (fp32 without TF32).
+    # strided views and the padding column run through CUDA kernels (fp32 without TF32). flex:
+    # compiled FlexAttention (inductor's C++ backend on CPU, Triton on CUDA), no materialised bias.
     torch.manual_seed(0)
     model = transformers.DebertaV2Model(_v3_config(position_buckets=256, max_position_embeddings=512))
     model = model.to(device).eval()
-    fast = FastDebertaV2Encoder(model)
+    fast = FastDebertaV2Encoder(model, attention=attention)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -210,22 +220,38 @@ def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str) -> Non
     assert float(((ref - ours).abs() * mask[..., None]).max()) <= (1e-5 if device == "cpu" else 1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_replay_equals_eager_on_cuda() -> None:
+@CUDA
+@pytest.mark.parametrize("fast", [True, "flex"])  # flex: compiled in the warm-up, then captured
+def test_graph_replay_equals_eager_on_cuda(fast: bool | str) -> None:
     torch.manual_seed(0)
     net = ProvenceModel(_v3_config()).to("cuda").eval()
-    run = GraphedForward(lambda i, m, t: net.predict(i, m, t, fast=True), (0, 0, 0), "cuda", max_batch=8)
+    run = GraphedForward(lambda i, m, t: net.predict(i, m, t, fast=fast), (0, 0, 0), "cuda", max_batch=8)
     for lengths, width in (([40, 25, 3], 40), ([9, 9, 2, 8, 7], 9), ([38, 1], 38)):
         ids, mask = _padded_batch(lengths, width)
         types = torch.zeros_like(ids)
         with torch.inference_mode():
             probs, ranks = (x.clone() for x in run(ids, mask, types))
-            ref_probs, ref_ranks = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast=True)
+            ref_probs, ref_ranks = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast=fast)
         rows = mask.bool().cuda()
         assert run.enabled and probs.shape == (len(lengths), width)
         assert float((probs - ref_probs)[rows].abs().max()) <= 1e-5
         assert float((ranks - ref_ranks).abs().max()) <= 1e-4
     assert set(run.graphs) == {(4, 64), (8, 32)}  # ([40,25,3], 40) and ([38,1], 38) share one graph
+
+
+def test_attention_choice_reaches_the_provence_model() -> None:
+    torch.manual_seed(0)
+    net = ProvenceModel(_v3_config()).eval()
+    ids, mask = _padded_batch([24, 11], 24)
+    with torch.no_grad():
+        flex, sdpa = net.encode(ids, mask, fast="flex"), net.encode(ids, mask, fast=True)
+    assert float(((flex - sdpa).abs() * mask[..., None]).max()) <= 1e-5
+    encoders = net.backbone.__dict__["_ragcomp_fast_encoders"]
+    assert {k: e.attention for k, e in encoders.items()} == {"flex": "flex", "sdpa": "sdpa"}
+    with pytest.raises(ValueError, match="attention 'xformers'"):
+        net.encode(ids, mask, fast="xformers")
+    with pytest.raises(ValueError, match="attention 'xformers'"):
+        FastDebertaV2Encoder(net.backbone, attention="xformers")
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@ the `llmlingua` package's LLMLingua-2 compressor with an XLM-RoBERTa-large-shape
 on the same questions and passages, in one run. Random weights: timing only (decisions are noise).
 
 Provence rows, per dtype: `hf` (transformers' DeBERTa forward, eager), `fast` (deberta_fast's
-forward on the same parameters, eager) and `graphs` (the fast forward replayed from CUDA graphs;
-CUDA only). Every row first runs all questions once untimed (kernels, CUDA graph captures), then
+forward on the same parameters, eager), `graphs` (the fast forward replayed from CUDA graphs;
+CUDA only), `flex` and `flex-graphs` (the same two with FlexAttention adding the relative terms
+inside the kernel, see deberta_flex.py; compiled per shape during the warm-up pass). Every row
+first runs all questions once untimed (kernels, compilation, CUDA graph captures), then
 times each question end to end (`compress`). `max_dprob_vs_hf` is the largest keep-probability
 difference to the `hf` row of the same dtype on the first question. A second table times the
 CPU-side steps alone (tokenising, windows, sentences, batch arrays).
@@ -44,6 +46,7 @@ import numpy as np
 from ragcomp.bench import print_table, standalone_main
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+PATHS = ("hf", "fast", "graphs", "flex", "flex-graphs")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +65,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (a dry run of the code path)")
     p.add_argument("--skip-llmlingua", action="store_true")
-    p.add_argument("--paths", default="hf,fast,graphs", help="Provence forwards to time (graphs: CUDA only)")
+    p.add_argument("--paths", default="hf,fast,graphs",
+                   help=f"Provence forwards to time, of {','.join(PATHS)} (*graphs: CUDA only)")
     p.add_argument("--dtypes", default=None, help="e.g. bf16,fp32 (default: both on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", default=None)
@@ -122,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
         pooler_hidden_act="gelu", **size)
     names = args.dtypes or ("bf16,fp32" if on_gpu else "fp32")
     dtypes = [resolve_dtype(d.strip(), dev) for d in names.split(",")]
-    paths = [x.strip() for x in args.paths.split(",") if x.strip() != "graphs" or on_gpu]
+    paths = [x.strip() for x in args.paths.split(",") if not x.strip().endswith("graphs") or on_gpu]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
     rows = []
     for dtype in dtypes:
         rows += _provence_rows(args, deberta, dtype, paths, items, tok, sync)
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         rows += _llmlingua(args, items, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
     for r in rows:
-        r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base else None
+        r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base and "p50_ms" in r else None
     name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     shapes = "tiny" if args.small else "large"
     print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "
@@ -157,32 +164,52 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
     rows, reference = [], None
     # Cold rows (no passage cache), then the last path again with the cache on (warm).
     for path, cache in [(p, 0) for p in paths] + [(paths[-1], 1024)]:
-        comp = _compressor(model, tok, args, path, cache)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
-        row = _row(f"ragcomp provence {path} ({label}){' warm cache' if cache else ''}", times, args)
-        row["warmup_s"] = round(time.perf_counter() - t0 - sum(times), 2)
-        probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
+        name = f"ragcomp provence {path} ({label}){' warm cache' if cache else ''}"
+        try:
+            row, probs = _provence_row(model, tok, args, path, cache, items, sync, name)
+        except Exception as e:  # one failing path (e.g. flex without Triton) must not lose the others
+            print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            failed = _row(f"{name} FAILED: {type(e).__name__}: {str(e)[:120]}", [0.0], args)
+            rows.append({k: v if k == "compressor" else None for k, v in failed.items()})
+            continue
         reference = probs if reference is None else reference
         row["max_dprob_vs_hf"] = float(np.abs(probs - reference).max()) if path != "hf" else None
-        runner = model.__dict__.get("_ragcomp_runners", {}).get("runners", {})
-        row["graphs"] = sum(len(r.graphs) for r in runner.values()) if path == "graphs" else None
-        row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else None
         rows.append(row)
-        del comp
     del model
     if on_gpu:
         torch.cuda.empty_cache()
     return rows
 
 
+def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int, items: list[Any],
+                  sync: Any, name: str) -> tuple[dict[str, Any], Any]:
+    """One path's timed row, and its keep probabilities on the first question."""
+    import torch
+
+    on_gpu = args.device.startswith("cuda")
+    comp = _compressor(model, tok, args, path, cache)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
+    row = _row(name, times, args)
+    row["warmup_s"] = round(time.perf_counter() - t0 - sum(times), 2)
+    probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
+    runners = model.__dict__.get("_ragcomp_runners", {}).get("runners", {})
+    row["max_dprob_vs_hf"] = None  # filled by the caller (column order)
+    # This path's runner only (its key starts with (fast_encoder, cuda_graphs)).
+    row["graphs"] = sum(len(r.graphs) for key, r in runners.items()
+                        if key[:2] == (comp.fast_encoder, True)) if comp.cuda_graphs else None
+    row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else None
+    return row, probs
+
+
 def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int) -> Any:
     from ragcomp.compressors.provence import ProvenceCompressor
 
+    fast: bool | str = "flex" if path.startswith("flex") else path != "hf"
     return ProvenceCompressor(model, encoder_tokenizer=tok, device=args.device, batch_size=args.batch_size,
-                              fast_encoder=path != "hf", cuda_graphs=path == "graphs", passage_cache=cache)
+                              fast_encoder=fast, cuda_graphs=path.endswith("graphs"), passage_cache=cache)
 
 
 def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
@@ -201,8 +228,12 @@ def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     for path in paths:
         comp = _compressor(model, tok, args, path, 0)
-        for it in items:  # warm-up, untimed: kernels and graph captures out of the record
-            comp.compress(*it)
+        try:
+            for it in items:  # warm-up, untimed: kernels and graph captures out of the record
+                comp.compress(*it)
+        except Exception as e:  # as in the timed rows: the other paths still get their profile
+            print(f"profile of path {path} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         sync()
         walls = []
         with profile(activities=activities) as prof:

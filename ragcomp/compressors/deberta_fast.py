@@ -7,13 +7,20 @@ the host-side work taken out of the per-layer loop:
   sequence length and device and cached, as one embedding row per distance for c2p and p2c;
 - the relative embeddings are LayerNorm'd once per forward (HF: once per layer);
 - the bucketed position of query i and key j depends on i - j only, so the c2p and p2c scores are
-  computed once per distance ([batch, heads, length, 2 * length - 1], one embedding row per
-  distance, picked once per forward) and read through a strided view: no [batch, heads, length,
+  computed once per distance ([heads, batch, length, width >= 2 * length - 1], one embedding row
+  per distance, picked once per forward) and read through a strided view: no [batch, heads, length,
   length] gather and no index tensor of that size (HF gathers twice per layer);
-- attention is `scaled_dot_product_attention` with one additive float bias per layer:
-  (c2p + p2c) / scale plus the key padding mask, scale = sqrt(head_dim * (1 + len(pos_att_type)))
-  rounded to the model dtype as HF rounds it; the padding mask enters through one extra column of
-  the p2c product, so the bias is written in one pass.
+- the per-distance scores are one batched matmul per term over the heads ([heads, batch * length,
+  head_dim] x [heads, head_dim, width], views of the projections: no broadcast copy), the width
+  2 * length - 1 rounded up to a multiple of 8 so that the rows stay 16-byte aligned (odd widths
+  push cuBLAS onto old unaligned kernels; the extra columns are never read);
+- attention (`attention="sdpa"`, the default) is `scaled_dot_product_attention` with one additive
+  float bias per layer: (c2p + p2c) / scale plus the key padding mask, scale = sqrt(head_dim *
+  (1 + len(pos_att_type))) rounded to the model dtype as HF rounds it; the padding mask enters
+  through one extra column of the p2c product, so the bias is written in one pass;
+- `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
+  length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
+  for each score it computes (see `deberta_flex.py`).
 
 Outputs equal HF's last hidden state at every non-padding position (padding rows differ: HF masks
 padding queries too, which only changes rows nobody reads). Inference only: dropout is not applied,
@@ -26,12 +33,14 @@ from __future__ import annotations
 from typing import Any
 
 from ragcomp._optional import require
+from ragcomp.compressors.graphed import round_up
 
 torch = require("torch", "models")
 _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models")
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
+ATTENTION_IMPLS = ("sdpa", "flex")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -56,12 +65,16 @@ class FastDebertaV2Encoder:
 
     A plain object holding a reference to the model (not a submodule: no parameter is copied or
     registered twice). Raises ValueError for a config it does not implement (see `unsupported_reason`).
+    `attention`: "sdpa" (a materialised bias, no compilation) or "flex" (see the module docstring).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, attention: str = "sdpa") -> None:
         reason = unsupported_reason(model.config)
         if reason is not None:
             raise ValueError(f"fast DeBERTa forward not available: {reason}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {attention!r} (supported: {', '.join(ATTENTION_IMPLS)})")
+        self.attention = attention
         self.model = model
         config = model.config
         attention = model.encoder.layer[0].attention.self
@@ -117,15 +130,19 @@ class FastDebertaV2Encoder:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         h = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
-        c2p_rows, p2c_rows = self.positions(input_ids.shape[1], input_ids.device)
+        length = input_ids.shape[1]
+        width = round_up(2 * length - 1, 8)  # aligned score rows (see the module docstring)
+        c2p_rows, p2c_rows = (F.pad(r, (0, width - r.shape[0])) for r in self.positions(length, h.device))
         encoder = model.encoder
         rel = encoder.get_rel_embedding()  # LayerNorm'd once, not once per layer
-        # Each score column's embedding row, picked once for all layers (2 * length - 1 rows each).
+        # Each score column's embedding row, picked once for all layers (width rows each).
         rel_c2p, rel_p2c = rel[c2p_rows], rel[p2c_rows]
         # Key padding as an additive bias; the most negative finite value keeps fully padded rows finite.
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
-        padding = _padding_columns(key_bias, rel_p2c) if "p2c" in self.pos_types else None
+        padding = None
+        if "p2c" in self.pos_types and self.attention == "sdpa":  # flex adds the padding itself
+            padding = _padding_columns(key_bias, width)
         for layer in encoder.layer:
             attention = layer.attention
             context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
@@ -139,67 +156,95 @@ class FastDebertaV2Encoder:
     def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
                    padding: tuple[Any, Any] | None, scale: float) -> Any:
         batch, length, _ = h.shape
-        q = self._split_heads(att.query_proj(h))  # [batch, heads, length, head_dim]
-        k = self._split_heads(att.key_proj(h))
-        v = self._split_heads(att.value_proj(h))
-        # 1/scale goes on the position rows, not on the [batch, heads, length, length] scores. Each
-        # bias is a strided view of [.., length, 2 * length - 1] scores (no gather, no index tensor);
-        # the key padding rides in the p2c product (see `_padding_columns`), so one add builds the bias.
-        views = []
+        q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
+        # 1/scale goes on the position rows ([width, hidden]), not on the scores.
+        c2p = p2c = None
         if "c2p" in self.pos_types:
             key_proj = att.key_proj if self.share_att_key else att.pos_key_proj
-            pos_key = self._split_heads(key_proj(rel_c2p))
-            c2p = torch.matmul(q, pos_key.transpose(-1, -2) / scale)  # [batch, heads, query, column]
-            views.append(_skew(c2p, query_stride_first=True))
+            c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, self.heads, None)
         if "p2c" in self.pos_types:
             query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
-            pos_query = self._split_heads(query_proj(rel_p2c))
-            key_columns, unit_columns = padding  # type: ignore[misc]
-            k_padded = torch.cat([k, key_columns.expand(batch, self.heads, -1, -1)], -1)
-            pos_padded = torch.cat([pos_query / scale, unit_columns.expand(self.heads, -1, -1)], -1)
-            p2c = torch.matmul(k_padded, pos_padded.transpose(-1, -2))  # [batch, heads, key, column]
-            views.append(_skew(p2c, query_stride_first=False))
-        if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
-            bias = torch.add(*views, out=q.new_empty(batch, self.heads, length, length))
+            p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, self.heads, padding)
+        q, k = self._split_heads(q_rows), self._split_heads(k_rows)  # [batch, heads, length, head_dim]
+        v = self._split_heads(att.value_proj(h))
+        if self.attention == "flex":
+            from ragcomp.compressors.deberta_flex import relative_flex_attention
+
+            context = relative_flex_attention(q, k, v, c2p, p2c, key_bias[:, 0, 0], scale)
         else:
-            bias = views[0].contiguous() if padding is not None else views[0] + key_bias
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
+            bias = _bias(c2p, p2c, key_bias, padding is not None)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+
+
+def _position_scores(x: Any, rows: Any, heads: int, padding: tuple[Any, Any] | None) -> Any:
+    """Per-distance scores [heads, batch, length, width] of projections `x` [batch, length, hidden]
+    against position rows `rows` [width, hidden]: one batched matmul over the heads on views (the
+    batch folds into the rows of each head's product, so nothing is broadcast or copied). With
+    `padding` (see `_padding_columns`), each key's padding bias rides along in the product."""
+    batch, length, hidden = x.shape
+    width, head_dim = rows.shape[0], hidden // heads
+    xs = x.view(batch * length, heads, head_dim).transpose(0, 1)  # [heads, batch * length, head_dim]
+    pos = rows.view(width, heads, head_dim).transpose(0, 1)  # [heads, width, head_dim]
+    if padding is not None:
+        key_columns, unit_columns = padding
+        xs = torch.cat([xs, key_columns.expand(heads, -1, -1)], -1)
+        pos = torch.cat([pos, unit_columns.expand(heads, -1, -1)], -1)
+    return torch.bmm(xs, pos.transpose(1, 2)).view(heads, batch, length, width)
+
+
+def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool) -> Any:
+    """SDPA's additive bias [batch, heads, query, key] from the per-distance scores: each term is a
+    strided view (no gather, no index tensor); one add writes the row-major bias."""
+    views = []
+    if c2p is not None:
+        views.append(_skew(c2p, query_stride_first=True).transpose(0, 1))
+    if p2c is not None:
+        views.append(_skew(p2c, query_stride_first=False).transpose(0, 1))
+    if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
+        return torch.add(*views, out=views[0].new_empty(views[0].shape))
+    return views[0].contiguous() if padded_p2c else views[0] + key_bias
 
 
 _EXTRA_COLUMNS = 8  # keeps head_dim + extra a multiple of 8 (tensor-core friendly matmul shapes)
 
 
-def _padding_columns(key_bias: Any, rel_p2c: Any) -> tuple[Any, Any]:
-    """Columns appended to the keys ([batch, 1, length, 8]: each key's padding bias, then zeros) and
-    to the p2c position rows ([1, rows, 8]: 1, then zeros): their product adds the key's padding bias
+def _padding_columns(key_bias: Any, width: int) -> tuple[Any, Any]:
+    """Columns appended to the keys ([batch * length, 8]: each key's padding bias, then zeros) and
+    to the p2c position rows ([width, 8]: 1, then zeros): their product adds the key's padding bias
     to every p2c score of that key, inside the matmul, instead of one more pass over the full bias.
     Exact: an unpadded key adds 0 * 1."""
-    batch, length = key_bias.shape[0], key_bias.shape[-1]
-    key_columns = key_bias.new_zeros(batch, 1, length, _EXTRA_COLUMNS)
-    key_columns[..., 0] = key_bias[:, 0]  # [batch, 1, length]
-    unit_columns = key_bias.new_zeros(1, rel_p2c.shape[0], _EXTRA_COLUMNS)
-    unit_columns[..., 0] = 1.0
+    key_columns = key_bias.new_zeros(key_bias.shape[0] * key_bias.shape[-1], _EXTRA_COLUMNS)
+    key_columns[:, 0] = key_bias.reshape(-1)
+    unit_columns = key_bias.new_zeros(width, _EXTRA_COLUMNS)
+    unit_columns[:, 0] = 1.0
     return key_columns, unit_columns
 
 
 def _skew(scores: Any, query_stride_first: bool) -> Any:
-    """[batch, heads, query, key] view of contiguous `scores` [batch, heads, length, 2 * length - 1]
-    (n = length - 1). c2p (`query_stride_first`, rows are queries): bias[i, j] = scores[i, n - i + j].
-    p2c (rows are keys): bias[i, j] = scores[j, n + i - j]. Both are fixed strides from offset n."""
-    batch, heads, length, width = scores.shape
-    strides = (width - 1, 1) if query_stride_first else (1, width - 1)
-    return scores.as_strided((batch, heads, length, length), (heads * length * width, length * width,
-                             *strides), scores.storage_offset() + length - 1)
+    """[..., query, key] view of `scores` [..., length, row] (rows of width >= 2 * length - 1 and
+    unit column stride; n = length - 1). c2p (`query_stride_first`, rows are queries): bias[i, j] =
+    scores[i, n - i + j]. p2c (rows are keys): bias[i, j] = scores[j, n + i - j]. Both are fixed
+    strides from offset n; leading dimensions keep their strides."""
+    *lead, length, _ = scores.shape
+    row = scores.stride(-2)
+    if scores.stride(-1) != 1:
+        raise ValueError("position scores need unit column stride")
+    strides = (row - 1, 1) if query_stride_first else (1, row - 1)
+    return scores.as_strided((*lead, length, length), (*scores.stride()[:-2], *strides),
+                             scores.storage_offset() + length - 1)
 
 
-def fast_encoder_for(model: Any) -> FastDebertaV2Encoder | None:
-    """The fast forward for `model` (cached on it), or None where its config is not supported."""
-    cached = model.__dict__.get("_ragcomp_fast_encoder")
+def fast_encoder_for(model: Any, attention: str = "sdpa") -> FastDebertaV2Encoder | None:
+    """The fast forward for `model` with this attention (cached on it), or None where its config is
+    not supported. Raises ValueError for an unknown attention, whatever the model."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {attention!r} (supported: {', '.join(ATTENTION_IMPLS)})")
+    encoders = model.__dict__.setdefault("_ragcomp_fast_encoders", {})  # plain attribute: no submodule
+    cached = encoders.get(attention)
     if cached is None:
         config = getattr(model, "config", None)
         if config is None or unsupported_reason(config) is not None:
             return None
-        cached = FastDebertaV2Encoder(model)
-        model.__dict__["_ragcomp_fast_encoder"] = cached  # a plain attribute: not a submodule
+        cached = encoders[attention] = FastDebertaV2Encoder(model, attention)
     return cached

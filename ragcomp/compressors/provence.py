@@ -127,7 +127,8 @@ class ProvenceCompressor(Compressor):
     or a `ProvenceModel`, then
     with `encoder_tokenizer`. `tokenizer` names the token counter for the result's statistics.
     `fast_encoder` runs a DeBERTa-v2/v3 backbone through `deberta_fast.FastDebertaV2Encoder` (same
-    outputs, far less host work; other backbones keep their HF forward); `cuda_graphs` replays the
+    outputs, far less host work; other backbones keep their HF forward; "flex" selects its
+    FlexAttention variant, compiled per shape, see `deberta_flex.py`); `cuda_graphs` replays the
     forward from CUDA graphs on CUDA (shapes bucketed; see `graphed.py`; ignored elsewhere).
     `passage_cache` keeps the tokens and sentences of that many recent passage texts (LRU; 0: none),
     so passages that come back in later questions skip that CPU work.
@@ -152,7 +153,7 @@ class ProvenceCompressor(Compressor):
         encoder_tokenizer: Any = None,
         tokenizer: str | TokenCounter | None = None,
         separator: str = "\n\n",
-        fast_encoder: bool = True,
+        fast_encoder: bool | str = True,
         cuda_graphs: bool = True,
         passage_cache: int = 1024,
     ) -> None:

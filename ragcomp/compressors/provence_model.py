@@ -115,7 +115,7 @@ class ProvenceModel(nn.Module):
 
     def forward(
         self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None,
-        labels: Any = None, ranking_labels: Any = None, ranking_weight: float = 1.0, fast: bool = False,
+        labels: Any = None, ranking_labels: Any = None, ranking_weight: float = 1.0, fast: bool | str = False,
     ) -> ProvenceOutput:
         """labels: [batch, seq] 1 keep / 0 drop / -100 ignore; ranking_labels: [batch] teacher scores;
         `fast`: see `encode`."""
@@ -143,12 +143,13 @@ class ProvenceModel(nn.Module):
         return out
 
     def encode(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None,
-               fast: bool = False) -> Any:
+               fast: bool | str = False) -> Any:
         """The backbone's last hidden state. `fast` runs `FastDebertaV2Encoder` (the same outputs at
         non-padding positions, far fewer host-side ops) when the backbone is a supported DeBERTa-v2
-        and the model is in eval mode (it applies no dropout); HF's forward otherwise."""
+        and the model is in eval mode (it applies no dropout); HF's forward otherwise. A string names
+        the fast encoder's attention ("sdpa", the same as True, or "flex")."""
         if fast and not self.training:
-            encoder = fast_encoder_for(self.backbone)
+            encoder = fast_encoder_for(self.backbone, "sdpa" if fast is True else fast)
             if encoder is not None:
                 return encoder(input_ids, attention_mask, token_type_ids)
         use_types = token_type_ids is not None and self.uses_token_types
@@ -156,12 +157,12 @@ class ProvenceModel(nn.Module):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
     def predict(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None,
-                fast: bool = False) -> tuple[Any, Any]:
+                fast: bool | str = False) -> tuple[Any, Any]:
         """(keep probabilities [batch, seq], ranking logits [batch]), both float32: what scoring needs."""
         out = self(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, fast=fast)
         return self.keep_probs(out.token_logits), out.ranking_logits.float()
 
-    def runner(self, fast: bool = True, cuda_graphs: bool = True, pad_id: int = 0,
+    def runner(self, fast: bool | str = True, cuda_graphs: bool = True, pad_id: int = 0,
                max_batch: int | None = None) -> GraphedForward:
         """`runner(ids, mask, types) -> predict(...)` on this model's device: replayed from CUDA graphs
         on CUDA when `cuda_graphs` (see graphed.py), eager otherwise. Cached on the model and rebuilt

@@ -1,0 +1,61 @@
+"""DeBERTa's disentangled attention through FlexAttention: the relative-position terms are added to
+each score inside the attention kernel, so the [batch, heads, length, length] bias of the SDPA path
+is never written (nor its transposed p2c read). Used by `FastDebertaV2Encoder(attention="flex")`.
+
+For query i and key j (n = length - 1), with the per-distance scores of `deberta_fast`
+(`_position_scores`, already divided by the scale, [heads, batch, length, width]):
+
+    score = q.k / scale + c2p[h, b, i, n - i + j] + p2c[h, b, j, n + i - j] + key_bias[b, j]
+
+the same columns that `deberta_fast._skew`'s strided views read. FlexAttention runs compiled
+(torch.compile; Triton on CUDA, inductor's C++ backend on CPU), once per shape (dynamic=False):
+callers bucket their shapes (the CUDA-graph runner rounds width to 32 and batch to 4) and, for CUDA
+graphs, run it once before capture (GraphedForward's warm-up does). The first call per shape
+compiles (seconds to a minute).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ragcomp._optional import require
+
+torch = require("torch", "models")
+
+_RECOMPILE_LIMIT = 64  # one compiled kernel per (batch, width) bucket; dynamo's default stops at 8
+_compiled: Any = None
+_lock = threading.Lock()
+
+
+def compiled_flex_attention() -> Any:
+    """`flex_attention` compiled once per process (shapes static: a kernel per shape)."""
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+            _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def relative_flex_attention(q: Any, k: Any, v: Any, c2p: Any, p2c: Any, key_bias: Any,
+                            scale: float) -> Any:
+    """Attention output [batch, heads, length, head_dim] of q, k, v [batch, heads, length, head_dim]
+    with DeBERTa's relative terms: `c2p`, `p2c` (either may be None) per-distance scores [heads, batch,
+    length, width >= 2 * length - 1], divided by `scale` already; `key_bias` [batch, length] additive
+    key padding."""
+    n = q.shape[-2] - 1
+
+    def score_mod(score: Any, b: Any, h: Any, i: Any, j: Any) -> Any:
+        score = score + key_bias[b, j]
+        if c2p is not None:
+            score = score + c2p[h, b, i, n - i + j]
+        if p2c is not None:
+            score = score + p2c[h, b, j, n + i - j]
+        return score
+
+    return compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0 / scale)
