@@ -16,7 +16,7 @@ SMALL = ["--small", "--device", "cpu", "--questions", "2", "--passages", "3", "-
 
 
 def test_unknown_path_is_refused_with_the_known_names() -> None:
-    with pytest.raises(SystemExit, match=r"unknown flash .*known: hf, fast, graphs, flex, flex-graphs"):
+    with pytest.raises(SystemExit, match=r"unknown flash .*known: hf, fast, graphs, cbias-graphs, flex"):
         prune_gpu.main([*SMALL, "--paths", "fast,flash"])
 
 

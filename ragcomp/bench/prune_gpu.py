@@ -4,7 +4,8 @@ on the same questions and passages, in one run. Random weights: timing only (dec
 
 Provence rows, per dtype: `hf` (transformers' DeBERTa forward, eager), `fast` (deberta_fast's
 forward on the same parameters, eager), `graphs` (the fast forward replayed from CUDA graphs;
-CUDA only), `flex` and `flex-graphs` (the same two with FlexAttention adding the relative terms
+CUDA only), `cbias-graphs` (graphs with the bias add compiled by inductor), `flex` and
+`flex-graphs` (the same two with FlexAttention adding the relative terms
 inside the kernel, see deberta_flex.py; compiled per shape during the warm-up pass). Every row
 first runs all questions once untimed (kernels, compilation, CUDA graph captures), then
 times each question end to end (`compress`). `max_dprob_vs_hf` is the largest keep-probability
@@ -46,7 +47,7 @@ import numpy as np
 from ragcomp.bench import print_table, standalone_main
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-PATHS = ("hf", "fast", "graphs", "flex", "flex-graphs")
+PATHS = ("hf", "fast", "graphs", "cbias-graphs", "flex", "flex-graphs")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -207,7 +208,8 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
 def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int) -> Any:
     from ragcomp.compressors.provence import ProvenceCompressor
 
-    fast: bool | str = "flex" if path.startswith("flex") else path != "hf"
+    fast: bool | str = ("flex" if path.startswith("flex") else "sdpa-compiled" if path.startswith("cbias")
+                        else path != "hf")
     return ProvenceCompressor(model, encoder_tokenizer=tok, device=args.device, batch_size=args.batch_size,
                               fast_encoder=fast, cuda_graphs=path.endswith("graphs"), passage_cache=cache)
 

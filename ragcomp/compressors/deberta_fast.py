@@ -18,6 +18,8 @@ the host-side work taken out of the per-layer loop:
   float bias per layer: (c2p + p2c) / scale plus the key padding mask, scale = sqrt(head_dim *
   (1 + len(pos_att_type))) rounded to the model dtype as HF rounds it; the padding mask enters
   through one extra column of the p2c product, so the bias is written in one pass;
+- `attention="sdpa-compiled"`: the same, with the bias add compiled by inductor (its two terms are
+  strided views in transposed layouts; eager's elementwise kernel reads one of them column-wise);
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
@@ -40,7 +42,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "flex")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -141,7 +143,7 @@ class FastDebertaV2Encoder:
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
         padding = None
-        if "p2c" in self.pos_types and self.attention == "sdpa":  # flex adds the padding itself
+        if "p2c" in self.pos_types and self.attention != "flex":  # flex adds the padding itself
             padding = _padding_columns(key_bias, width)
         for layer in encoder.layer:
             attention = layer.attention
@@ -172,7 +174,7 @@ class FastDebertaV2Encoder:
 
             context = relative_flex_attention(q, k, v, c2p, p2c, key_bias[:, 0, 0], scale)
         else:
-            bias = _bias(c2p, p2c, key_bias, padding is not None)
+            bias = _bias(c2p, p2c, key_bias, padding is not None, self.attention == "sdpa-compiled")
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
@@ -193,15 +195,20 @@ def _position_scores(x: Any, rows: Any, heads: int, padding: tuple[Any, Any] | N
     return torch.bmm(xs, pos.transpose(1, 2)).view(heads, batch, length, width)
 
 
-def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool) -> Any:
+def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool, compiled: bool = False) -> Any:
     """SDPA's additive bias [batch, heads, query, key] from the per-distance scores: each term is a
-    strided view (no gather, no index tensor); one add writes the row-major bias."""
+    strided view (no gather, no index tensor); one add writes the row-major bias (`compiled`: the
+    add through inductor, which tiles the transposed read)."""
     views = []
     if c2p is not None:
         views.append(_skew(c2p, query_stride_first=True).transpose(0, 1))
     if p2c is not None:
         views.append(_skew(p2c, query_stride_first=False).transpose(0, 1))
     if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
+        if compiled:
+            from ragcomp.compressors.deberta_flex import compiled_add
+
+            return compiled_add()(*views)
         return torch.add(*views, out=views[0].new_empty(views[0].shape))
     return views[0].contiguous() if padded_p2c else views[0] + key_bias
 

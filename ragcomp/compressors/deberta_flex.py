@@ -25,7 +25,16 @@ torch = require("torch", "models")
 
 _RECOMPILE_LIMIT = 64  # one compiled kernel per (batch, width) bucket; dynamo's default stops at 8
 _compiled: Any = None
+_compiled_add: Any = None
 _lock = threading.Lock()
+
+
+def _compile_static(fn: Any) -> Any:
+    """`fn` compiled with static shapes (a kernel per shape), with room for one per bucket."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    return torch.compile(fn, dynamic=False)
 
 
 def compiled_flex_attention() -> Any:
@@ -35,11 +44,25 @@ def compiled_flex_attention() -> Any:
         if _compiled is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            config = torch._dynamo.config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-            _compiled = torch.compile(flex_attention, dynamic=False)
+            _compiled = _compile_static(flex_attention)
     return _compiled
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def compiled_add() -> Any:
+    """`a + b` compiled once per process: for the SDPA bias, whose two terms are strided views in
+    transposed layouts, inductor writes a tiled kernel instead of eager's strided elementwise one."""
+    global _compiled_add
+    with _lock:
+        if _compiled_add is None:
+            _compiled_add = _compile_static(_add)
+    return _compiled_add
+
+
+_MIN_CUDA_HEAD_SIZE = 16
 
 
 def relative_flex_attention(q: Any, k: Any, v: Any, c2p: Any, p2c: Any, key_bias: Any,
@@ -48,6 +71,9 @@ def relative_flex_attention(q: Any, k: Any, v: Any, c2p: Any, p2c: Any, key_bias
     with DeBERTa's relative terms: `c2p`, `p2c` (either may be None) per-distance scores [heads, batch,
     length, width >= 2 * length - 1], divided by `scale` already; `key_bias` [batch, length] additive
     key padding."""
+    if q.is_cuda and q.shape[-1] < _MIN_CUDA_HEAD_SIZE:  # Triton's flex kernel refuses smaller heads
+        raise ValueError(f"FlexAttention on CUDA needs a head size of at least {_MIN_CUDA_HEAD_SIZE}, "
+                         f"this model has {q.shape[-1]}; use attention='sdpa'")
     n = q.shape[-2] - 1
 
     def score_mod(score: Any, b: Any, h: Any, i: Any, j: Any) -> Any:
