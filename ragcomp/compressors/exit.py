@@ -21,9 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,14 +38,12 @@ from ragcomp.compressors.exit_batch import (
     build_packs,
     group_packs,
 )
-from ragcomp.models import CausalLM, default_device, load_causal_lm, resolve_dtype, resolve_model_path
+from ragcomp.compressors.exit_prompt import QUESTION, Template, build_template, load_with_adapter  # noqa: F401
+from ragcomp.models import CausalLM, load_causal_lm
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
 from ragcomp.types import Compressed, Passage
 
-QUESTION = 'Is this sentence useful in answering the query? Answer only "Yes" or "No".'
-_MARK_Q, _MARK_C, _MARK_S = "@@RAGCOMP_QUERY@@", "@@RAGCOMP_CONTEXT@@", "@@RAGCOMP_SENTENCE@@"
-_USER = f"Query:\n{_MARK_Q}\nFull context:\n{_MARK_C}\nSentence:\n{_MARK_S}\n{QUESTION}"
 # Cap on queries x keys per packed forward. A custom mask makes attention dense: on CPU every
 # masked-out key still costs FLOPs, so packs stay small (measured ~8% faster than 2M on qa_dev
 # top-3); on GPU fewer, wider forwards win, bounded by the scores' memory per head.
@@ -68,22 +64,6 @@ _Row = tuple[int, list[int]]  # (unit index, sentence ids + template tail)
 @functools.lru_cache(maxsize=65536)
 def _sentences(text: str) -> tuple[Sentence, ...]:
     return tuple(split_sentences(text))
-
-
-@dataclass(frozen=True)
-class _Template:
-    """Token ids of the fixed prompt pieces, around the query, context and sentence."""
-
-    head: list[int]  # chat template start ... "Query:\n"
-    mid_context: list[int]  # "\nFull context:\n"
-    mid_sentence: list[int]  # "\nSentence:\n"
-    tail: list[int]  # "\n" question, end of turn, start of the assistant turn
-    yes: int
-    no: int
-
-    @property
-    def fixed(self) -> int:
-        return len(self.head) + len(self.mid_context) + len(self.mid_sentence) + len(self.tail)
 
 
 @dataclass
@@ -175,7 +155,7 @@ class ExitCompressor(Compressor):
         self.device = device
         self.dtype = dtype
         self._lm = model if isinstance(model, CausalLM) else None
-        self._template: _Template | None = None
+        self._template: Template | None = None
         self._load_lock = threading.Lock()
 
     # -- model and prompt -------------------------------------------------------------
@@ -184,15 +164,15 @@ class ExitCompressor(Compressor):
         with self._load_lock:
             if self._lm is None:
                 if self.adapter is not None:
-                    self._lm = _load_with_adapter(self.model, self.adapter, self.device, self.dtype)
+                    self._lm = load_with_adapter(self.model, self.adapter, self.device, self.dtype)
                 else:
                     self._lm = load_causal_lm(self.model or "smollm2-135m", self.device, self.dtype)
             return self._lm
 
     @property
-    def template(self) -> _Template:
+    def template(self) -> Template:
         if self._template is None:
-            self._template = _build_template(self.lm.tokenizer)
+            self._template = build_template(self.lm.tokenizer)
         return self._template
 
     @property
@@ -449,44 +429,3 @@ class ExitCompressor(Compressor):
         if self.top_share is not None and n_sentences:
             caps.append(max(1, math.ceil(self.top_share * n_sentences - 1e-9)))
         return min(caps) if caps else None
-
-
-def _build_template(tok: Any) -> _Template:
-    """Split the chat-formatted prompt around the query, context and sentence markers."""
-    text = None
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": _USER}], add_generation_prompt=True,
-                                       tokenize=False)
-    if not isinstance(text, str) or any(text.count(m) != 1 for m in (_MARK_Q, _MARK_C, _MARK_S)):
-        text = f"{_USER}\nAnswer:\n"  # a base model without a chat template
-    head, rest = text.split(_MARK_Q)
-    mid_c, rest = rest.split(_MARK_C)
-    mid_s, tail = rest.split(_MARK_S)
-
-    def ids(s: str) -> list[int]:
-        return list(tok.encode(s, add_special_tokens=False))
-
-    yes, no = ids("Yes"), ids("No")
-    if len(yes) != 1 or len(no) != 1 or yes == no:
-        warnings.warn(f"'Yes'/'No' are not single distinct tokens ({yes}, {no}); scoring their first tokens",
-                      stacklevel=3)
-    return _Template(ids(head), ids(mid_c), ids(mid_s), ids(tail), yes[0], no[0])
-
-
-def _load_with_adapter(model: str | None, adapter: str, device: str | None, dtype: Any) -> CausalLM:
-    """A private copy of the base model with the LoRA adapter merged in (the shared one stays clean)."""
-    try:
-        import peft
-    except ImportError as e:
-        raise ImportError("loading an EXIT LoRA adapter needs peft: pip install peft") from e
-    transformers = require("transformers", "models")
-    base = model or peft.PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
-    path = resolve_model_path(base)
-    own_tok = any((Path(adapter) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = transformers.AutoTokenizer.from_pretrained(adapter if own_tok else path)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    merged = peft.PeftModel.from_pretrained(lm, adapter).merge_and_unload()
-    merged.to(device).eval()
-    return CausalLM(f"{base}+{adapter}", merged, tok, device, torch_dtype)
