@@ -378,6 +378,26 @@ def _check_record(rec: Any, loc: str) -> None:
         raise ValueError(f"{loc}: 'ranking_label' must be a number, got {rank!r}")
 
 
+def load_sources(exclude_qa: Sequence[str | Path] | None, allow_no_exclusion: bool, corpus: str | Path
+                 ) -> tuple[set[str], set[str], list[dict[str, Any]], list[Passage]]:
+    """The evaluation titles and questions to keep out (default: DEFAULT_QA when it exists), their
+    files' records, and the corpus passages; refuses to run without an exclusion unless allowed, and
+    stops when evaluation titles are not corpus ids (they would silently leave gold articles in)."""
+    from ragcomp.corpus import load_corpus
+
+    if exclude_qa is None:
+        exclude_qa = [DEFAULT_QA] if DEFAULT_QA.is_file() else []
+    if not exclude_qa and not allow_no_exclusion:
+        raise ValueError(f"no evaluation file to exclude ({DEFAULT_QA} not found): pass --exclude-qa PATH "
+                         "(the questions you will evaluate on), or --no-exclude to build data without")
+    titles, questions, files = load_exclusions(exclude_qa)
+    passages = load_corpus(corpus)
+    missing = sorted(titles - {p.id for p in passages})
+    if missing and str(corpus) == "wiki":
+        raise ValueError(f"{len(missing)} evaluation titles are not corpus ids, e.g. {missing[:3]}")
+    return titles, questions, files, passages
+
+
 def generate_data(
     out: str | Path, n_articles: int | None = None, exclude_qa: Sequence[str | Path] | None = None,
     corpus: str = "wiki", lm: str = "smollm2-135m", embedder: str = "minilm", device: str | None = None,
@@ -390,22 +410,11 @@ def generate_data(
     ../shared/data/qa_dev.jsonl. With none found, this refuses to run unless `allow_no_exclusion`.
     `n_articles` None: every eligible article. `command`: the command line to record.
     """
-    from ragcomp.corpus import load_corpus
     from ragcomp.models import load_causal_lm
     from ragcomp.retrieval import CorpusRetriever
 
-    if exclude_qa is None:
-        exclude_qa = [DEFAULT_QA] if DEFAULT_QA.is_file() else []
-    if not exclude_qa and not allow_no_exclusion:
-        raise ValueError(f"no evaluation file to exclude ({DEFAULT_QA} not found): pass --exclude-qa PATH "
-                         "(the questions you will evaluate on), or --no-exclude to build data without")
     t0 = time.perf_counter()
-    titles, questions, files = load_exclusions(exclude_qa)
-    passages = load_corpus(corpus)
-    missing = sorted(titles - {p.id for p in passages})
-    if missing and str(corpus) == "wiki":
-        # Titles that do not match ids would silently leave gold articles in: stop instead.
-        raise ValueError(f"{len(missing)} evaluation titles are not corpus ids, e.g. {missing[:3]}")
+    titles, questions, files, passages = load_sources(exclude_qa, allow_no_exclusion, corpus)
     model = load_causal_lm(lm, device=device)
     retriever = CorpusRetriever.for_corpus(corpus, embedder, None, device, progress) if n_negatives else None
     records, stats = make_examples(

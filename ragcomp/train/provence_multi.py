@@ -47,11 +47,10 @@ from typing import Any
 
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.train.provence_data import (
-    DEFAULT_QA,
     FORMAT_VERSION,
     content_words,
     hard_negatives,
-    load_exclusions,
+    load_sources,
     make_record,
     normalise_question,
     read_examples,
@@ -387,23 +386,13 @@ def generate_multi(
 ) -> dict[str, Any]:
     """Load the corpus (and the retriever for negatives), make the examples, write `out` and its
     .meta.json. `single`: provence-data files whose questions the bridge examples rephrase."""
-    from ragcomp.corpus import load_corpus
     from ragcomp.retrieval import CorpusRetriever
 
-    if exclude_qa is None:
-        exclude_qa = [DEFAULT_QA] if DEFAULT_QA.is_file() else []
-    if not exclude_qa and not allow_no_exclusion:
-        raise ValueError(f"no evaluation file to exclude ({DEFAULT_QA} not found): pass --exclude-qa PATH "
-                         "(the questions you will evaluate on), or --no-exclude to build data without")
     if n_bridge and not single:
         raise ValueError("bridge examples rephrase provence-data questions: pass --questions FILE "
                          "(or --bridge 0)")
     t0 = time.perf_counter()
-    titles, questions, files = load_exclusions(exclude_qa)
-    passages = load_corpus(corpus)
-    missing = sorted(titles - {p.id for p in passages})
-    if missing and str(corpus) == "wiki":
-        raise ValueError(f"{len(missing)} evaluation titles are not corpus ids, e.g. {missing[:3]}")
+    titles, questions, files, passages = load_sources(exclude_qa, allow_no_exclusion, corpus)
     single_records = [r for path in single for r in read_examples(path)]
     retriever = CorpusRetriever.for_corpus(corpus, embedder, None, device, progress) if n_negatives else None
     records, stats = make_multi_examples(passages, retriever, single_records, titles, questions,
