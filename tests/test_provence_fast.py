@@ -17,11 +17,8 @@ from ragcomp.compressors.deberta_fast import (  # noqa: E402
     unsupported_reason,
 )
 from ragcomp.compressors.graphed import GraphedForward, bucket_shape, pad_inputs  # noqa: E402
-from ragcomp.compressors.provence import (  # noqa: E402
-    ProvenceCompressor,
-    _encode,
-    _sentence_means,
-)
+from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
+from ragcomp.compressors.provence_inputs import encode_texts, sentence_means  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import Sentence, split_sentences  # noqa: E402
@@ -310,25 +307,25 @@ def _sentence_means_loop(sents: list[Sentence], offsets: list[tuple[int, int]],
 def test_vectorised_sentence_means_follow_the_token_rule(tok) -> None:
     text = "  Paris is big.   It opened in 1889!\n\nWhy? " + "Numbers like 3.5 stay. " * 3 + "Tail"
     sents = split_sentences(text)
-    offsets = [*_encode(tok, [text])[1][0], (len(text), len(text))]  # an empty span: no sentence
+    offsets = [*encode_texts(tok, [text])[1][0], (len(text), len(text))]  # an empty span: no sentence
     probs = np.random.default_rng(0).random(len(offsets)).astype(np.float32)
     gap = [Sentence(text[:5], 0, 5), Sentence(text[40:45], 40, 45)]  # tokens between sentences: none
     for sentences in (sents, gap):
-        np.testing.assert_allclose(_sentence_means(sentences, offsets, probs),
+        np.testing.assert_allclose(sentence_means(sentences, offsets, probs),
                                    _sentence_means_loop(sentences, offsets, probs), rtol=1e-6)
 
 
 def test_direct_tokenizer_call_equals_the_wrapper(tok) -> None:
     texts = ["Héllo wörld, it's 1889.", "", "A  longer   passage with   spaces and ÜNICODE."]
-    ids, offsets = _encode(tok, texts)
+    ids, offsets = encode_texts(tok, texts)
     ref = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     assert ids == ref["input_ids"] and [list(map(tuple, o)) for o in offsets] == ref["offset_mapping"]
     tok.backend_tokenizer.enable_truncation(max_length=3)  # a leftover setting: the wrapper path is used
     try:
-        assert _encode(tok, texts)[0] == ref["input_ids"]
+        assert encode_texts(tok, texts)[0] == ref["input_ids"]
     finally:
         tok.backend_tokenizer.no_truncation()
-    assert _encode(tok, []) == ([], [])
+    assert encode_texts(tok, []) == ([], [])
 
 
 def test_passage_cache_reuses_text_work_and_changes_no_score(tok) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,16 @@ import numpy as np
 from ragcomp._optional import require
 from ragcomp.base import Compressor, PassageLike, as_passages
 from ragcomp.compressors._common import check_fraction, check_int
-from ragcomp.compressors.graphed import profile_range, round_up, to_host
+from ragcomp.compressors.graphed import profile_range, to_host
+from ragcomp.compressors.provence_inputs import (
+    PassageCache,
+    PassageWork,
+    Window,
+    batch_inputs,
+    encode_texts,
+    mean_by_sentence,
+    token_sentences,
+)
 from ragcomp.models import default_device, resolve_dtype
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -34,68 +42,6 @@ from ragcomp.types import Compressed, Passage
 
 _SHARED: dict[tuple[str, str, str], tuple[Any, Any, threading.Lock]] = {}
 _SHARED_LOCK = threading.Lock()
-
-
-@dataclass
-class Window:
-    """One encoder input: `input_ids[offset + i]` is passage token `lo + i`, for i < hi - lo."""
-
-    input_ids: list[int]
-    token_type_ids: list[int]
-    lo: int
-    hi: int
-    offset: int
-
-
-@dataclass
-class PassageWork:
-    """The CPU work on one passage that depends only on its text (and the tokenizer)."""
-
-    ids: list[int]
-    sentences: list[Sentence]
-    token_sentence: np.ndarray  # the sentence each token belongs to, -1 for none
-
-
-class PassageCache:
-    """Bounded LRU of `PassageWork` by passage text, for one tokenizer (a new one empties it).
-
-    Tokens and sentences are pure functions of the text, so an entry is never stale; a corpus
-    passage that comes back in a later question skips tokenising and sentence splitting."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[str, PassageWork] = OrderedDict()
-        self._tokenizer: Any = None
-        self._lock = threading.Lock()
-
-    def get(self, tokenizer: Any, text: str) -> PassageWork | None:
-        with self._lock:
-            if tokenizer is not self._tokenizer:
-                self._items.clear()
-                self._tokenizer = tokenizer
-            work = self._items.get(text)
-            if work is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._items.move_to_end(text)
-            return work
-
-    def put(self, tokenizer: Any, text: str, work: PassageWork) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            if tokenizer is not self._tokenizer:
-                return  # computed with a tokenizer that another call has replaced meanwhile
-            self._items[text] = work
-            self._items.move_to_end(text)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass
@@ -261,7 +207,7 @@ class ProvenceCompressor(Compressor):
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     with profile_range("provence.batch_arrays"):
-                        inputs = _batch_inputs([windows[i] for i in chunk], pad_id, 8 if on_cuda else 1)
+                        inputs = batch_inputs([windows[i] for i in chunk], pad_id, 8 if on_cuda else 1)
                     with profile_range("provence.forward"):
                         keep, rank = run(*(torch.from_numpy(x) for x in inputs))
                     with profile_range("provence.d2h"):
@@ -314,7 +260,8 @@ class ProvenceCompressor(Compressor):
             first = js[-1] + 1 if js else first
             new = [j for j in js if work[j] is None]
             with profile_range("provence.tokenize"), lock:  # fast tokenizers are not thread-safe either
-                ids, offsets = _encode(tok, [queries[qi] for qi in group] + [flat[j][1].text for j in new])
+                texts = [queries[qi] for qi in group] + [flat[j][1].text for j in new]
+                ids, offsets = encode_texts(tok, texts)
             q_ids = dict(zip(group, ids[: len(group)], strict=True))
             fresh.update((j, (ids[len(group) + n], offsets[len(group) + n])) for n, j in enumerate(new))
             with profile_range("provence.windows"):
@@ -331,7 +278,7 @@ class ProvenceCompressor(Compressor):
         with profile_range("provence.sentences"):
             for j, (p_ids, offs) in fresh.items():
                 sents = split_sentences(flat[j][1].text)
-                work[j] = PassageWork(p_ids, sents, _token_sentences(sents, offs))
+                work[j] = PassageWork(p_ids, sents, token_sentences(sents, offs))
                 self.passage_cache.put(tok, flat[j][1].text, work[j])  # type: ignore[arg-type]
         ranks: list[float] = []
         probs: list[np.ndarray] = []
@@ -374,7 +321,7 @@ class ProvenceCompressor(Compressor):
         for j, (qi, p) in enumerate(flat):
             token_probs = (sums[j] / np.maximum(counts[j], 1)).astype(np.float32)
             pw = work[j]
-            sent_scores = _mean_by_sentence(pw.token_sentence, len(pw.sentences), token_probs)
+            sent_scores = mean_by_sentence(pw.token_sentence, len(pw.sentences), token_probs)
             # A copy of the cached list: callers may edit what they get.
             out[qi].append(PassageScores(p, best[j], list(pw.sentences), sent_scores, token_probs, spans[j]))
         return out
@@ -442,62 +389,3 @@ def _tokenizer(name_or_path: str, net: Any) -> Any:
     transformers = require("transformers", "models")
     return transformers.AutoTokenizer.from_pretrained(name_or_path, config=net.backbone_config,
                                                       trust_remote_code=False)
-
-
-def _encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
-    """Token ids and character offsets of each text, no special tokens. Straight from the Rust
-    tokenizer when it carries no truncation or padding setting (the HF wrapper's per-call Python
-    costs about a third of the time); through the wrapper otherwise."""
-    if not texts:
-        return [], []
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    return enc["input_ids"], enc["offset_mapping"]
-
-
-def _batch_inputs(windows: list[Window], pad_id: int, width_multiple: int) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, types) int64 arrays [len(windows), width] for one batch, width rounded up."""
-    width = round_up(max(len(w.input_ids) for w in windows), width_multiple)
-    ids = np.full((len(windows), width), pad_id, np.int64)
-    mask = np.zeros((len(windows), width), np.int64)
-    types = np.zeros((len(windows), width), np.int64)
-    for row, w in enumerate(windows):
-        n = len(w.input_ids)
-        ids[row, :n] = w.input_ids
-        mask[row, :n] = 1
-        types[row, w.offset : n] = 1  # the passage segment, closing [SEP] included (as token_type_ids)
-    return ids, mask, types
-
-
-def _token_sentences(sents: list[Sentence], offsets: Any) -> np.ndarray:
-    """Index of the sentence each token belongs to, -1 for none: the sentence holding the token's last
-    character, so a leading space in a token's offsets does not move it to the previous sentence."""
-    spans = np.asarray(offsets, np.int64).reshape(-1, 2)
-    if not sents:
-        return np.full(len(spans), -1, np.int64)
-    starts = np.array([s.start for s in sents], np.int64)
-    ends = np.array([s.end for s in sents], np.int64)
-    last = spans[:, 1] - 1
-    owner = np.searchsorted(starts, last, side="right") - 1
-    valid = (spans[:, 1] > spans[:, 0]) & (owner >= 0)
-    valid &= last < ends[np.maximum(owner, 0)]
-    return np.where(valid, owner, -1)
-
-
-def _sentence_means(sents: list[Sentence], offsets: Any, probs: np.ndarray) -> np.ndarray:
-    """Mean keep probability of each sentence's tokens (tokens given by character offsets)."""
-    return _mean_by_sentence(_token_sentences(sents, offsets), len(sents), probs)
-
-
-def _mean_by_sentence(token_sentence: np.ndarray, n_sentences: int, probs: np.ndarray) -> np.ndarray:
-    """Mean keep probability of each sentence's tokens (`token_sentence` from `_token_sentences`)."""
-    valid = token_sentence >= 0
-    total = np.bincount(token_sentence[valid], weights=probs[valid], minlength=n_sentences)
-    count = np.bincount(token_sentence[valid], minlength=n_sentences)
-    # A sentence with no token of its own (rare: characters the tokenizer drops) gets the passage mean.
-    fallback = float(probs.mean()) if len(probs) else 0.0
-    return np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)

@@ -151,7 +151,8 @@ def mean_loss(net: Any, items: Sequence[Item], pad_id: int, device: Any, batch_s
 def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: int,
              threshold: float = 0.1, batch_size: int = 32) -> dict[str, Any]:
     """Dev metrics through the inference path (`ProvenceCompressor.score_batch`)."""
-    from ragcomp.compressors.provence import ProvenceCompressor, _sentence_means
+    from ragcomp.compressors.provence import ProvenceCompressor
+    from ragcomp.compressors.provence_inputs import sentence_means
 
     comp = ProvenceCompressor(model=net, encoder_tokenizer=tok, window=max_length, batch_size=batch_size)
     by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -174,7 +175,7 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
             fp += int((~gold_tok & pred_tok).sum())
             fn += int((gold_tok & ~pred_tok).sum())
             sents = [Sentence(r["text"][a:b], a, b) for a, b in r["sentences"]]
-            sent_scores = _sentence_means(sents, offsets, ps.token_probs)
+            sent_scores = sentence_means(sents, offsets, ps.token_probs)
             keep = sent_scores > threshold
             gold = np.array(r["labels"], bool)
             s_right += int((keep == gold).sum())
