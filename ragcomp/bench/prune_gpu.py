@@ -47,7 +47,11 @@ import numpy as np
 from ragcomp.bench import print_table, standalone_main
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-PATHS = ("hf", "fast", "graphs", "cbias-graphs", "flex", "flex-graphs")
+# Each path's `fast_encoder` value (HF's forward, the fast one with SDPA, its compiled bias add, or
+# FlexAttention); a name ending in "graphs" also replays CUDA graphs.
+FAST_ENCODER: dict[str, bool | str] = {"hf": False, "fast": True, "graphs": True,
+                                       "cbias-graphs": "sdpa-compiled", "flex": "flex", "flex-graphs": "flex"}
+PATHS = tuple(FAST_ENCODER)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -208,8 +212,7 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
 def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int) -> Any:
     from ragcomp.compressors.provence import ProvenceCompressor
 
-    fast: bool | str = ("flex" if path.startswith("flex") else "sdpa-compiled" if path.startswith("cbias")
-                        else path != "hf")
+    fast = FAST_ENCODER[path]
     return ProvenceCompressor(model, encoder_tokenizer=tok, device=args.device, batch_size=args.batch_size,
                               fast_encoder=fast, cuda_graphs=path.endswith("graphs"), passage_cache=cache)
 

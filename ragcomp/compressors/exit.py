@@ -38,7 +38,7 @@ from ragcomp.compressors.exit_batch import (
     build_packs,
     group_packs,
 )
-from ragcomp.compressors.exit_prompt import QUESTION, Template, build_template, load_with_adapter  # noqa: F401
+from ragcomp.compressors.exit_prompt import Template, build_template, load_with_adapter
 from ragcomp.models import CausalLM, load_causal_lm
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
