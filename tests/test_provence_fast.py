@@ -17,7 +17,7 @@ from ragcomp.compressors.deberta_fast import (  # noqa: E402
     unsupported_reason,
 )
 from ragcomp.compressors.graphed import GraphedForward, bucket_shape, pad_inputs  # noqa: E402
-from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
+from ragcomp.compressors.provence import ProvenceCompressor, launch_groups  # noqa: E402
 from ragcomp.compressors.provence_inputs import encode_texts, sentence_means  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
@@ -350,13 +350,24 @@ def test_passage_cache_reuses_text_work_and_changes_no_score(tok) -> None:
     assert len(warm.passage_cache) == 1
 
 
-def test_question_groups_give_the_scores_of_one_call_per_question(tok) -> None:
+def test_launch_groups_are_balanced_and_cover_every_passage_once() -> None:
+    assert launch_groups(0, 16) == []
+    assert [len(g) for g in launch_groups(20, 16)] == [10, 10]
+    assert [len(g) for g in launch_groups(33, 16)] == [11, 11, 11]
+    assert [len(g) for g in launch_groups(7, 2)] == [2, 2, 2, 1]
+    assert launch_groups(5, 32) == [[0, 1, 2, 3, 4]]
+    for n, size in ((1, 1), (17, 4), (100, 7)):
+        groups = launch_groups(n, size)
+        assert [j for g in groups for j in g] == list(range(n)) and max(map(len, groups)) <= size
+
+
+def test_launch_groups_give_the_scores_of_one_call_per_question(tok) -> None:
     net = _tiny_provence()
     questions = [QUERY, "Who built it?", "", "Are cats pets?"]
     passages = [[Passage(f"{q}-{i}", " ".join(SENTENCES[i:] + SENTENCES[:i] * (i % 3))) for i in range(n)]
                 for q, n in zip(range(4), (3, 0, 2, 4), strict=True)]
     comp = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, batch_size=2, passage_cache=0)
-    assert comp._question_groups(passages) == [[0], [1, 2], [3]]  # >= batch_size passages per group
+    assert launch_groups(9, 2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]  # questions split across groups
     together = comp.score_batch(questions, passages)
     for q, ps, got in zip(questions, passages, together, strict=True):
         alone = comp.score(q, ps)

@@ -23,6 +23,9 @@ the host-side work taken out of the per-layer loop:
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
+- `attention="triton"` (CUDA; needs Triton) is one hand-written kernel for q.k, both relative terms,
+  the key padding, softmax and the product with v, reading the per-distance scores in place and
+  writing the context in the layout the output projection reads (see `deberta_triton.py`).
 
 Outputs equal HF's last hidden state at every non-padding position (padding rows differ: HF masks
 padding queries too, which only changes rows nobody reads). Inference only: dropout is not applied,
@@ -42,7 +45,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex", "triton")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -76,6 +79,12 @@ class FastDebertaV2Encoder:
             raise ValueError(f"fast DeBERTa forward not available: {reason}")
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention {attention!r} (supported: {', '.join(ATTENTION_IMPLS)})")
+        if attention == "triton":
+            from ragcomp.compressors.deberta_triton import unavailable_reason as triton_reason
+
+            reason = triton_reason(next(model.parameters()).device)
+            if reason is not None:
+                raise ValueError(f"attention 'triton' not available: {reason}")
         self.attention = attention
         self.model = model
         config = model.config
@@ -143,11 +152,12 @@ class FastDebertaV2Encoder:
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
         padding = None
-        if "p2c" in self.pos_types and self.attention != "flex":  # flex adds the padding itself
+        if "p2c" in self.pos_types and self.attention in ("sdpa", "sdpa-compiled"):  # others mask keys
             padding = _padding_columns(key_bias, width)
         for layer in encoder.layer:
             attention = layer.attention
-            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
+            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale,
+                                      attention_mask)
             a = attention.output(context, h)  # dense + residual LayerNorm (HF modules, no copy)
             h = layer.output(layer.intermediate(a), a)
         return h
@@ -156,7 +166,7 @@ class FastDebertaV2Encoder:
         return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(-3, -2)
 
     def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
-                   padding: tuple[Any, Any] | None, scale: float) -> Any:
+                   padding: tuple[Any, Any] | None, scale: float, attention_mask: Any) -> Any:
         batch, length, _ = h.shape
         q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
         # 1/scale goes on the position rows ([width, hidden]), not on the scores.
@@ -167,6 +177,11 @@ class FastDebertaV2Encoder:
         if "p2c" in self.pos_types:
             query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
             p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, self.heads, padding)
+        if self.attention == "triton":
+            from ragcomp.compressors.deberta_triton import relative_attention
+
+            return relative_attention(q_rows, k_rows, att.value_proj(h), c2p, p2c, attention_mask,
+                                      self.heads, scale)
         q, k = self._split_heads(q_rows), self._split_heads(k_rows)  # [batch, heads, length, head_dim]
         v = self._split_heads(att.value_proj(h))
         if self.attention == "flex":

@@ -56,20 +56,36 @@ def bucket_shape(batch: int, width: int, batch_multiple: int, width_multiple: in
 def pad_inputs(inputs: Sequence[Any], pad_values: Sequence[int], shape: tuple[int, int]) -> list[Any]:
     """Each `[batch, width]` input padded to `shape`: extra columns get its pad value, extra rows
     repeat the first row (a valid input, so no row is all padding)."""
-    batch, width = inputs[0].shape
     out = []
     for x, pad in zip(inputs, pad_values, strict=True):
-        full = x.new_full(shape, pad)
-        full[:batch, :width] = x
-        full[batch:, :width] = x[:1]
+        full = x.new_empty(shape)
+        _pad_into(full, x, pad)
         out.append(full)
     return out
+
+
+def _pad_into(full: Any, x: Any, pad: int) -> None:
+    batch, width = x.shape
+    full[:, width:] = pad
+    full[:batch, :width] = x
+    full[batch:, :width] = x[:1]
+
+
+def staged_inputs(inputs: Sequence[Any], pad_values: Sequence[int], shape: tuple[int, int],
+                  pin: bool) -> Any:
+    """The inputs padded to `shape` (as `pad_inputs`) in one `[len(inputs), *shape]` host tensor, in
+    pinned memory when `pin`: one asynchronous upload instead of one per input."""
+    torch = require("torch", "models")
+    staged = torch.empty((len(inputs), *shape), dtype=inputs[0].dtype, pin_memory=pin)
+    for row, x, pad in zip(staged, inputs, pad_values, strict=True):
+        _pad_into(row, x, pad)
+    return staged
 
 
 @dataclass
 class _Graph:
     graph: Any
-    inputs: list[Any]
+    inputs: Any  # [n_inputs, batch, width] on the device; the captured forward reads its rows
     outputs: tuple[Any, ...]
 
 
@@ -84,6 +100,7 @@ class GraphedForward:
                  enabled: bool = True, width_multiple: int = 32, batch_multiple: int = 4,
                  max_batch: int | None = None) -> None:
         torch = require("torch", "models")  # lazily: provence.py imports this module without torch
+        self._torch = torch
         self.fn = fn
         self.pad_values = list(pad_values)
         self.device = torch.device(device)
@@ -99,31 +116,37 @@ class GraphedForward:
         batch, width = inputs[0].shape
         if not self.enabled:
             return self.fn(*(x.to(self.device, non_blocking=True) for x in inputs))
+        if len({x.dtype for x in inputs}) != 1 or len({tuple(x.shape) for x in inputs}) != 1:
+            raise ValueError("graphed inputs must share one dtype and one [batch, width] shape, got "
+                             f"{[(tuple(x.shape), str(x.dtype)) for x in inputs]}")
         shape = bucket_shape(batch, width, self.batch_multiple, self.width_multiple, self.max_batch)
         with profile_range("graphs.pad"):
-            padded = pad_inputs(inputs, self.pad_values, shape)
+            pin = inputs[0].device.type == "cpu" and self._torch.cuda.is_available()
+            staged = staged_inputs(inputs, self.pad_values, shape, pin=pin)
         with self._lock:
             graph = self.graphs.get(shape)
             if graph is None:
-                graph = self._capture(padded)
+                graph = self._capture(staged)
                 if graph is not None:
                     self.graphs[shape] = graph
         if graph is None:
             return self.fn(*(x.to(self.device, non_blocking=True) for x in inputs))
         with self._lock:
             with profile_range("graphs.copy_in"):
-                for static, x in zip(graph.inputs, padded, strict=True):
-                    static.copy_(_pinned(x), non_blocking=True)
+                # Pinned: asynchronous, and the caching host allocator keeps the block alive until
+                # the upload has run.
+                graph.inputs.copy_(staged, non_blocking=True)
             with profile_range("graphs.replay"):
                 graph.graph.replay()
             with profile_range("graphs.copy_out"):
                 # Outputs live in the shared pool and the next replay overwrites them: copy them out.
                 return tuple(_unpad(y, batch, width, shape[1]).clone() for y in graph.outputs)
 
-    def _capture(self, padded: list[Any]) -> _Graph | None:
+    def _capture(self, staged: Any) -> _Graph | None:
         torch = require("torch", "models")
         try:
-            static = [x.to(self.device) for x in padded]
+            static_all = staged.to(self.device)
+            static = list(static_all.unbind(0))
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: lazy caches, cuBLAS workspaces, kernel choice
@@ -136,18 +159,12 @@ class GraphedForward:
             # thread_local: work that other threads launch meanwhile does not break this capture.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = self.fn(*static)
-            return _Graph(graph, static, tuple(outputs))
+            return _Graph(graph, static_all, tuple(outputs))
         except Exception as e:  # e.g. a host sync inside fn: eager from now on
             self.enabled = False
             warnings.warn(f"CUDA graph capture failed, running eagerly ({type(e).__name__}: {e})",
                           RuntimeWarning, stacklevel=3)
             return None
-
-
-def _pinned(x: Any) -> Any:
-    # A pinned host copy lets the upload run asynchronously; the caching host allocator keeps the
-    # block alive until the copy has run.
-    return x.pin_memory() if x.device.type == "cpu" else x
 
 
 def to_host(t: Any) -> Any:

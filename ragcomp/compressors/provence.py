@@ -240,9 +240,10 @@ class ProvenceCompressor(Compressor):
     ) -> list[list[PassageScores]]:
         """Ranking score, sentences, sentence scores and token keep probabilities of every passage.
 
-        Questions go in groups of about one batch of windows: each group is tokenised (one call,
-        questions and new passages together) and launched before the next one is tokenised, so the
-        GPU starts early and the CPU work of later groups and the sentences run while it computes."""
+        Passages go in launch groups of at most `batch_size` (balanced; one question's passages may
+        span groups): each group is tokenised (one call: its questions not seen yet and its new
+        passages) and launched before the next one is tokenised, so the GPU starts after a fraction
+        of the tokenising, and the CPU work of later groups and the sentences run while it computes."""
         net, tok, lock = self._load()
         if not getattr(tok, "is_fast", False):
             raise ValueError("the encoder's tokenizer must be a fast tokenizer (it needs character offsets)")
@@ -251,19 +252,18 @@ class ProvenceCompressor(Compressor):
         flat = [(qi, p) for qi, ps in enumerate(passages_per_query) for p in ps]
         work: list[PassageWork | None] = [self.passage_cache.get(tok, p.text) for _, p in flat]
         fresh: dict[int, tuple[list[int], Any]] = {}  # flat index -> (ids, offsets) tokenised now
+        q_ids: dict[int, list[int]] = {}
         windows: list[Window] = []
         owner: list[int] = []
         collects: list[Callable[[], tuple[list[float], list[np.ndarray]]]] = []
-        first = 0
-        for group in self._question_groups(passages_per_query):
-            js = list(range(first, first + sum(len(passages_per_query[qi]) for qi in group)))
-            first = js[-1] + 1 if js else first
+        for js in launch_groups(len(flat), self.batch_size):
             new = [j for j in js if work[j] is None]
+            new_qs = sorted({flat[j][0] for j in js} - q_ids.keys())
             with profile_range("provence.tokenize"), lock:  # fast tokenizers are not thread-safe either
-                texts = [queries[qi] for qi in group] + [flat[j][1].text for j in new]
+                texts = [queries[qi] for qi in new_qs] + [flat[j][1].text for j in new]
                 ids, offsets = encode_texts(tok, texts)
-            q_ids = dict(zip(group, ids[: len(group)], strict=True))
-            fresh.update((j, (ids[len(group) + n], offsets[len(group) + n])) for n, j in enumerate(new))
+            q_ids.update(zip(new_qs, ids, strict=False))
+            fresh.update((j, (ids[len(new_qs) + n], offsets[len(new_qs) + n])) for n, j in enumerate(new))
             with profile_range("provence.windows"):
                 group_windows: list[Window] = []
                 for j in js:
@@ -289,18 +289,6 @@ class ProvenceCompressor(Compressor):
                 probs += pr
         with profile_range("provence.sentence_means"):
             return self._passage_scores(len(queries), flat, work, windows, owner, ranks, probs)  # type: ignore[arg-type]
-
-    def _question_groups(self, passages_per_query: list[list[Passage]]) -> list[list[int]]:
-        """Consecutive questions in groups of at least `batch_size` passages (the last one may be less)."""
-        groups: list[list[int]] = [[]]
-        count = 0
-        for qi, ps in enumerate(passages_per_query):
-            if count >= self.batch_size:
-                groups.append([])
-                count = 0
-            groups[-1].append(qi)
-            count += len(ps)
-        return groups
 
     @staticmethod
     def _passage_scores(n_queries: int, flat: list[tuple[int, Passage]], work: list[PassageWork],
@@ -389,3 +377,19 @@ def _tokenizer(name_or_path: str, net: Any) -> Any:
     transformers = require("transformers", "models")
     return transformers.AutoTokenizer.from_pretrained(name_or_path, config=net.backbone_config,
                                                       trust_remote_code=False)
+
+
+def launch_groups(n_passages: int, batch_size: int) -> list[list[int]]:
+    """Consecutive passage indices in the fewest groups of at most `batch_size`, sizes as even as
+    possible (20 passages in batches of 16: 10 and 10, not 16 and 4, so the first launch waits for
+    half of the tokenising and both batches keep the GPU as busy)."""
+    if n_passages <= 0:
+        return []
+    n_groups = -(-n_passages // batch_size)
+    base, extra = divmod(n_passages, n_groups)
+    out, start = [], 0
+    for g in range(n_groups):
+        size = base + (g < extra)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out

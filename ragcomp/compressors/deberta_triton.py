@@ -1,0 +1,178 @@
+"""DeBERTa's disentangled attention as one Triton kernel: q.k, both relative terms, the key padding,
+an online softmax and the product with v, per tile, with nothing of [batch, heads, length, length]
+ever written. Used by `FastDebertaV2Encoder(attention="triton")`.
+
+For query i and key j (n = length - 1), with the per-distance scores of `deberta_fast`
+(`_position_scores`, already divided by the scale, [heads, batch, length, width]):
+
+    score = q.k / scale + c2p[h, b, i, n - i + j] + p2c[h, b, j, n + i - j] + key_bias[b, j]
+
+the same columns that `deberta_fast._skew` reads. Each tile reads its c2p terms as rows shifted by
+one column per query and its p2c terms as rows shifted by one column per key: both are contiguous
+runs, so the reads coalesce, and every score term is read once (the SDPA path writes the bias, then
+reads it again, and the add before it reads the p2c term against its layout).
+
+The output is written as [batch, length, heads * head_dim], the layout the output projection reads,
+so no transpose copy follows. Softmax and accumulation are fp32; inputs stay in the model dtype.
+Inference only (no backward). Needs Triton; on CPU it runs under `TRITON_INTERPRET=1` (the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ragcomp._optional import require
+
+torch = require("torch", "models")
+
+try:  # Triton ships with torch's CUDA wheels, not with the CPU wheel
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+_MASKED = -1.0e30  # finite: a row whose keys are all padding stays finite (HF: finfo.min, then softmax)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def unavailable_reason(device: Any) -> str | None:
+    """Why the kernel cannot run on `device` here (None: it can)."""
+    import os
+
+    if triton is None:
+        return "Triton is not installed (it ships with torch's CUDA wheels)"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1, for tests)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _relative_attention_kernel(
+        q_ptr, k_ptr, v_ptr, c2p_ptr, p2c_ptr, mask_ptr, out_ptr,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_ob, stride_ol, stride_oh,
+        stride_ch, stride_cb, stride_cl,
+        stride_ph, stride_pb, stride_pl,
+        stride_mb,
+        heads, length, head_dim, inv_scale, length_bucket,
+        HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        block_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < length
+        dim_ok = dims < head_dim
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        last = length - 1
+        # Row i of c2p starts its run of key columns at n - i; row j of p2c at n - j (+ i).
+        c2p_rows = c2p_ptr + h * stride_ch + b * stride_cb + rows[:, None] * (stride_cl - 1) + last
+        p2c_base = p2c_ptr + h * stride_ph + b * stride_pb + last + rows[:, None]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, length, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < length
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_ptr + b * stride_kb + h * stride_kh + cols[:, None] * stride_kl + dims[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * inv_scale
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            if HAS_C2P:
+                s += tl.load(c2p_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            if HAS_P2C:
+                s += tl.load(p2c_base + cols[None, :] * (stride_pl - 1), mask=tile_ok,
+                             other=0.0).to(tl.float32)
+            key_ok = tl.load(mask_ptr + b * stride_mb + cols, mask=col_ok, other=0) != 0
+            s = tl.where(key_ok[None, :], s, _MASKED)
+            s = tl.where(col_ok[None, :], s, float("-inf"))  # past the end: no weight at all
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vl + dims[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that the autotuner tries once per (length bucket,
+# head size), in the first call of that shape (for CUDA graphs: the warm-up before capture).
+CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 32, 4, 2),
+           (128, 32, 4, 3), (32, 64, 4, 2))
+INTERPRETER_CONFIG = (32, 32, 4, 1)  # small tiles: the interpreter's cost grows with tile size
+_tuned: Any = None
+
+
+def _autotuned() -> Any:
+    global _tuned
+    if _tuned is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in CONFIGS]
+        _tuned = triton.autotune(configs, key=["length_bucket", "BLOCK_D"])(_relative_attention_kernel)
+    return _tuned
+
+
+def relative_attention(q_rows: Any, k_rows: Any, v_rows: Any, c2p: Any, p2c: Any, key_mask: Any,
+                       heads: int, scale: float, config: tuple[int, int, int, int] | None = None) -> Any:
+    """Context [batch, length, heads * head_dim] of the projections `q_rows`, `k_rows`, `v_rows`
+    [batch, length, heads * head_dim] (any row stride, unit column stride) with DeBERTa's relative
+    terms `c2p`, `p2c` (either may be None; [heads, batch, length, width >= 2 * length - 1], divided
+    by `scale` already, unit column stride) and `key_mask` [batch, length] (non-zero: a real key)."""
+    reason = unavailable_reason(q_rows.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    batch, length, hidden = q_rows.shape
+    head_dim = hidden // heads
+    for name, t in (("q", q_rows), ("k", k_rows), ("v", v_rows), ("c2p", c2p), ("p2c", p2c)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs unit column stride, got strides {tuple(t.stride())}")
+    for name, t in (("c2p", c2p), ("p2c", p2c)):
+        if t is not None and (t.shape[:3] != (heads, batch, length) or t.shape[3] < 2 * length - 1):
+            raise ValueError(f"{name} scores of shape {tuple(t.shape)}; expected [{heads}, {batch}, "
+                             f"{length}, >= {2 * length - 1}]")
+    out = q_rows.new_empty(batch, length, hidden)
+    mask = key_mask if key_mask.dtype != torch.bool else key_mask.to(torch.int32)
+    dummy = q_rows.new_empty(1, 1, 1, 1)
+    c2p_t, p2c_t = (c2p if c2p is not None else dummy), (p2c if p2c is not None else dummy)
+    args = (
+        q_rows, k_rows, v_rows, c2p_t, p2c_t, mask, out,
+        q_rows.stride(0), q_rows.stride(1), head_dim,
+        k_rows.stride(0), k_rows.stride(1), head_dim,
+        v_rows.stride(0), v_rows.stride(1), head_dim,
+        out.stride(0), out.stride(1), head_dim,
+        c2p_t.stride(0), c2p_t.stride(1), c2p_t.stride(2),
+        p2c_t.stride(0), p2c_t.stride(1), p2c_t.stride(2),
+        mask.stride(0),
+        heads, length, head_dim, 1.0 / scale, -(-length // 64) * 64,
+    )
+    flags = dict(HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
+                 # fp32 (the tests): exact products, not TF32
+                 PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32",
+                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    if config is None and not q_rows.is_cuda:  # the interpreter: nothing to tune
+        config = INTERPRETER_CONFIG
+    if config is None:
+        tuned = _autotuned()
+        tuned[lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)](*args, **flags)
+    else:
+        block_m, block_n, warps, stages = config
+        _relative_attention_kernel[(triton.cdiv(length, block_m), batch * heads)](
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return out
