@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         rows += _llmlingua(args, items, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
     for r in rows:
-        r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base and "p50_ms" in r else None
+        r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base and r.get("p50_ms") else None
     name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     shapes = "tiny" if args.small else "large"
     print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "

@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-_MASKED = -1.0e30  # finite: a row whose keys are all padding stays finite (HF: finfo.min, then softmax)
+# A padding key's score: finite, so a row whose keys are all padding stays finite (HF: finfo.min).
+MASKED_SCORE = -1.0e30
 
 
 def available() -> bool:
@@ -63,7 +64,7 @@ if triton is not None:
         stride_ph, stride_pb, stride_pl,
         stride_mb,
         heads, length, head_dim, inv_scale, length_bucket,
-        HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block_m = tl.program_id(0)
@@ -97,7 +98,7 @@ if triton is not None:
                 s += tl.load(p2c_base + cols[None, :] * (stride_pl - 1), mask=tile_ok,
                              other=0.0).to(tl.float32)
             key_ok = tl.load(mask_ptr + b * stride_mb + cols, mask=col_ok, other=0) != 0
-            s = tl.where(key_ok[None, :], s, _MASKED)
+            s = tl.where(key_ok[None, :], s, MASKED)
             s = tl.where(col_ok[None, :], s, float("-inf"))  # past the end: no weight at all
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -165,7 +166,7 @@ def relative_attention(q_rows: Any, k_rows: Any, v_rows: Any, c2p: Any, p2c: Any
     flags = dict(HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
                  # fp32 (the tests): exact products, not TF32
                  PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32",
-                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASKED=MASKED_SCORE)
     if config is None and not q_rows.is_cuda:  # the interpreter: nothing to tune
         config = INTERPRETER_CONFIG
     if config is None:
