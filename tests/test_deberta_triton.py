@@ -25,12 +25,14 @@ from ragcomp.compressors.graphed import GraphedForward  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# "triton": the kernel computes the position terms; "triton-scores": it reads the batched matmuls'.
+ATTENTIONS = ("triton", "triton-scores")
 CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a GPU and Triton")
 
 # Each case: config overrides, then (lengths, width) of a padded batch.
 CASES = {
     "published options, log buckets, padding": (
-        {"position_buckets": 256, "max_position_embeddings": 512}, [300, 141, 7], 320),
+        {"position_buckets": 256, "max_position_embeddings": 512}, [260, 141, 7], 260),
     "c2p only, unshared keys, no bucketing": (
         {"share_att_key": False, "pos_att_type": ["c2p"], "norm_rel_ebd": "none", "position_buckets": -1},
         [40, 3], 40),
@@ -51,8 +53,9 @@ _SCRIPT = textwrap.dedent("""
         ids, mask = _padded_batch(lengths, width)
         with torch.no_grad():
             ref = model(ids, attention_mask=mask).last_hidden_state
-            ours = FastDebertaV2Encoder(model, attention="triton")(ids, mask, None)
-        out[name] = float(((ref - ours).abs() * mask[..., None]).max())
+            for attention in ("triton", "triton-scores"):
+                ours = FastDebertaV2Encoder(model, attention=attention)(ids, mask, None)
+                out[name + " / " + attention] = float(((ref - ours).abs() * mask[..., None]).max())
     print(json.dumps(out))
 """)
 
@@ -65,7 +68,7 @@ def test_kernel_equals_hf_under_the_interpreter() -> None:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(diffs) == set(CASES)
+    assert set(diffs) == {f"{c} / {a}" for c in CASES for a in ATTENTIONS}
     for name, diff in diffs.items():
         assert diff <= 1e-5, (name, diff)
 
@@ -75,13 +78,15 @@ def test_triton_is_refused_with_the_reason_where_it_cannot_run() -> None:
         pytest.skip("the interpreter runs the kernel on CPU")
     model = transformers.DebertaV2Model(_v3_config()).eval()
     expected = "Triton is not installed" if not HAS_TRITON else "runs on CUDA"
-    with pytest.raises(ValueError, match=f"attention 'triton' not available: .*{expected}"):
-        FastDebertaV2Encoder(model, attention="triton")
+    for attention in ATTENTIONS:
+        with pytest.raises(ValueError, match=f"attention '{attention}' not available: .*{expected}"):
+            FastDebertaV2Encoder(model, attention=attention)
 
 
 @CUDA
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_equals_hf_on_cuda(case: str) -> None:
+def test_kernel_equals_hf_on_cuda(case: str, attention: str) -> None:
     overrides, lengths, width = CASES[case]
     torch.manual_seed(0)
     model = transformers.DebertaV2Model(_v3_config(**overrides)).to("cuda").eval()
@@ -91,26 +96,27 @@ def test_kernel_equals_hf_on_cuda(case: str) -> None:
         ids, mask = (x.cuda() for x in _padded_batch(lengths, width))
         with torch.no_grad():
             ref = model(ids, attention_mask=mask).last_hidden_state
-            ours = FastDebertaV2Encoder(model, attention="triton")(ids, mask, None)
+            ours = FastDebertaV2Encoder(model, attention=attention)(ids, mask, None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert float(((ref - ours).abs() * mask[..., None]).max()) <= 1e-4
 
 
 @CUDA
-def test_kernel_in_bf16_stays_close_to_sdpa_and_replays_from_a_graph() -> None:
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_kernel_in_bf16_stays_close_to_sdpa_and_replays_from_a_graph(attention: str) -> None:
     torch.manual_seed(0)
     config = _v3_config(hidden_size=256, num_attention_heads=4, intermediate_size=512,
                         pooler_hidden_size=256, position_buckets=256, max_position_embeddings=512,
                         initializer_range=0.02)
     net = ProvenceModel(config).to("cuda", torch.bfloat16).eval()
-    run = GraphedForward(lambda i, m, t: net.predict(i, m, t, fast="triton"), (0, 0, 0), "cuda", max_batch=8)
+    run = GraphedForward(lambda i, m, t: net.predict(i, m, t, fast=attention), (0, 0, 0), "cuda", max_batch=8)
     for lengths, width in (([230, 200, 12], 230), ([64, 63], 64)):
         ids, mask = _padded_batch(lengths, width)
         types = torch.zeros_like(ids)
         with torch.inference_mode():
             probs = run(ids, mask, types)[0].clone()
-            eager_probs, _ = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast="triton")
+            eager_probs, _ = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast=attention)
             sdpa_probs, _ = net.predict(ids.cuda(), mask.cuda(), types.cuda(), fast=True)
         rows = mask.bool().cuda()
         assert run.enabled and run.graphs

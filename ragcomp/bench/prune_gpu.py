@@ -51,7 +51,8 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # FlexAttention or the fused Triton kernel); a name ending in "graphs" also replays CUDA graphs.
 FAST_ENCODER: dict[str, bool | str] = {"hf": False, "fast": True, "graphs": True,
                                        "cbias-graphs": "sdpa-compiled", "flex": "flex", "flex-graphs": "flex",
-                                       "triton": "triton", "triton-graphs": "triton"}
+                                       "triton": "triton", "triton-graphs": "triton",
+                                       "tscores-graphs": "triton-scores"}
 PATHS = tuple(FAST_ENCODER)
 
 

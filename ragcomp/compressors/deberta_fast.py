@@ -24,8 +24,10 @@ the host-side work taken out of the per-layer loop:
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
 - `attention="triton"` (CUDA; needs Triton) is one hand-written kernel for q.k, both relative terms,
-  the key padding, softmax and the product with v, reading the per-distance scores in place and
-  writing the context in the layout the output projection reads (see `deberta_triton.py`).
+  the key padding, softmax and the product with v; it computes each tile's position terms from the
+  position rows itself (no per-distance scores in memory) and writes the context in the layout
+  the output projection reads (see `deberta_triton.py`). `"triton-scores"`: the same kernel
+  reading the per-distance scores of the batched matmuls instead.
 
 Outputs equal HF's last hidden state at every non-padding position (padding rows differ: HF masks
 padding queries too, which only changes rows nobody reads). Inference only: dropout is not applied,
@@ -45,7 +47,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex", "triton")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex", "triton", "triton-scores")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -79,12 +81,12 @@ class FastDebertaV2Encoder:
             raise ValueError(f"fast DeBERTa forward not available: {reason}")
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention {attention!r} (supported: {', '.join(ATTENTION_IMPLS)})")
-        if attention == "triton":
+        if attention.startswith("triton"):
             from ragcomp.compressors.deberta_triton import unavailable_reason as triton_reason
 
             reason = triton_reason(next(model.parameters()).device)
             if reason is not None:
-                raise ValueError(f"attention 'triton' not available: {reason}")
+                raise ValueError(f"attention {attention!r} not available: {reason}")
         self.attention = attention
         self.model = model
         config = model.config
@@ -170,6 +172,16 @@ class FastDebertaV2Encoder:
         batch, length, _ = h.shape
         q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
         # 1/scale goes on the position rows ([width, hidden]), not on the scores.
+        if self.attention == "triton":  # the kernel computes the position terms from these rows
+            from ragcomp.compressors.deberta_triton import relative_attention_positions
+
+            pos_keys = pos_queries = None
+            if "c2p" in self.pos_types:
+                pos_keys = (att.key_proj if self.share_att_key else att.pos_key_proj)(rel_c2p) / scale
+            if "p2c" in self.pos_types:
+                pos_queries = (att.query_proj if self.share_att_key else att.pos_query_proj)(rel_p2c) / scale
+            return relative_attention_positions(q_rows, k_rows, att.value_proj(h), pos_keys, pos_queries,
+                                                attention_mask, self.heads, scale)
         c2p = p2c = None
         if "c2p" in self.pos_types:
             key_proj = att.key_proj if self.share_att_key else att.pos_key_proj
@@ -177,7 +189,7 @@ class FastDebertaV2Encoder:
         if "p2c" in self.pos_types:
             query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
             p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, self.heads, padding)
-        if self.attention == "triton":
+        if self.attention == "triton-scores":
             from ragcomp.compressors.deberta_triton import relative_attention
 
             return relative_attention(q_rows, k_rows, att.value_proj(h), c2p, p2c, attention_mask,
