@@ -47,12 +47,10 @@ import numpy as np
 from ragcomp.bench import print_table, standalone_main
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-# Each path's `fast_encoder` value (HF's forward, the fast one with SDPA, its compiled bias add,
-# FlexAttention or the fused Triton kernel); a name ending in "graphs" also replays CUDA graphs.
+# Each path's `fast_encoder` value (HF's forward, the fast one with SDPA, its compiled bias add, or
+# FlexAttention); a name ending in "graphs" also replays CUDA graphs.
 FAST_ENCODER: dict[str, bool | str] = {"hf": False, "fast": True, "graphs": True,
-                                       "cbias-graphs": "sdpa-compiled", "flex": "flex", "flex-graphs": "flex",
-                                       "triton": "triton", "triton-graphs": "triton",
-                                       "tscores-graphs": "triton-scores"}
+                                       "cbias-graphs": "sdpa-compiled", "flex": "flex", "flex-graphs": "flex"}
 PATHS = tuple(FAST_ENCODER)
 
 

@@ -19,15 +19,11 @@ the host-side work taken out of the per-layer loop:
   (1 + len(pos_att_type))) rounded to the model dtype as HF rounds it; the padding mask enters
   through one extra column of the p2c product, so the bias is written in one pass;
 - `attention="sdpa-compiled"`: the same, with the bias add compiled by inductor (its two terms are
-  strided views in transposed layouts; eager's elementwise kernel reads one of them column-wise);
+  strided views in transposed layouts; eager's elementwise kernel reads one of them column-wise),
+  the key padding added in the same kernel (no extra p2c column, so no copy of the keys per layer);
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
-- `attention="triton"` (CUDA; needs Triton) is one hand-written kernel for q.k, both relative terms,
-  the key padding, softmax and the product with v; it computes each tile's position terms from the
-  position rows itself (no per-distance scores in memory) and writes the context in the layout
-  the output projection reads (see `deberta_triton.py`). `"triton-scores"`: the same kernel
-  reading the per-distance scores of the batched matmuls instead.
 
 Outputs equal HF's last hidden state at every non-padding position (padding rows differ: HF masks
 padding queries too, which only changes rows nobody reads). Inference only: dropout is not applied,
@@ -47,7 +43,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex", "triton", "triton-scores")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -81,12 +77,6 @@ class FastDebertaV2Encoder:
             raise ValueError(f"fast DeBERTa forward not available: {reason}")
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention {attention!r} (supported: {', '.join(ATTENTION_IMPLS)})")
-        if attention.startswith("triton"):
-            from ragcomp.compressors.deberta_triton import unavailable_reason as triton_reason
-
-            reason = triton_reason(next(model.parameters()).device)
-            if reason is not None:
-                raise ValueError(f"attention {attention!r} not available: {reason}")
         self.attention = attention
         self.model = model
         config = model.config
@@ -154,12 +144,12 @@ class FastDebertaV2Encoder:
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
         padding = None
-        if "p2c" in self.pos_types and self.attention in ("sdpa", "sdpa-compiled"):  # others mask keys
+        # Eager SDPA takes the key padding through an extra p2c column; the compiled add and flex add it.
+        if "p2c" in self.pos_types and self.attention == "sdpa":
             padding = _padding_columns(key_bias, width)
         for layer in encoder.layer:
             attention = layer.attention
-            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale,
-                                      attention_mask)
+            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
             a = attention.output(context, h)  # dense + residual LayerNorm (HF modules, no copy)
             h = layer.output(layer.intermediate(a), a)
         return h
@@ -168,20 +158,10 @@ class FastDebertaV2Encoder:
         return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(-3, -2)
 
     def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
-                   padding: tuple[Any, Any] | None, scale: float, attention_mask: Any) -> Any:
+                   padding: tuple[Any, Any] | None, scale: float) -> Any:
         batch, length, _ = h.shape
         q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
         # 1/scale goes on the position rows ([width, hidden]), not on the scores.
-        if self.attention == "triton":  # the kernel computes the position terms from these rows
-            from ragcomp.compressors.deberta_triton import relative_attention_positions
-
-            pos_keys = pos_queries = None
-            if "c2p" in self.pos_types:
-                pos_keys = (att.key_proj if self.share_att_key else att.pos_key_proj)(rel_c2p) / scale
-            if "p2c" in self.pos_types:
-                pos_queries = (att.query_proj if self.share_att_key else att.pos_query_proj)(rel_p2c) / scale
-            return relative_attention_positions(q_rows, k_rows, att.value_proj(h), pos_keys, pos_queries,
-                                                attention_mask, self.heads, scale)
         c2p = p2c = None
         if "c2p" in self.pos_types:
             key_proj = att.key_proj if self.share_att_key else att.pos_key_proj
@@ -189,11 +169,6 @@ class FastDebertaV2Encoder:
         if "p2c" in self.pos_types:
             query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
             p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, self.heads, padding)
-        if self.attention == "triton-scores":
-            from ragcomp.compressors.deberta_triton import relative_attention
-
-            return relative_attention(q_rows, k_rows, att.value_proj(h), c2p, p2c, attention_mask,
-                                      self.heads, scale)
         q, k = self._split_heads(q_rows), self._split_heads(k_rows)  # [batch, heads, length, head_dim]
         v = self._split_heads(att.value_proj(h))
         if self.attention == "flex":
@@ -231,11 +206,11 @@ def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool, compiled: bool = 
         views.append(_skew(c2p, query_stride_first=True).transpose(0, 1))
     if p2c is not None:
         views.append(_skew(p2c, query_stride_first=False).transpose(0, 1))
-    if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
-        if compiled:
-            from ragcomp.compressors.deberta_flex import compiled_add
+    if compiled:  # one tiled kernel: both terms and the key padding, into a row-major bias
+        from ragcomp.compressors.deberta_flex import compiled_add
 
-            return compiled_add()(*views)
+        return compiled_add()(*views, key_bias)
+    if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
         return torch.add(*views, out=views[0].new_empty(views[0].shape))
     return views[0].contiguous() if padded_p2c else views[0] + key_bias
 

@@ -48,13 +48,17 @@ def compiled_flex_attention() -> Any:
     return _compiled
 
 
-def _add(a: Any, b: Any) -> Any:
-    return a + b
+def _add(*terms: Any) -> Any:
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def compiled_add() -> Any:
-    """`a + b` compiled once per process: for the SDPA bias, whose two terms are strided views in
-    transposed layouts, inductor writes a tiled kernel instead of eager's strided elementwise one."""
+    """The sum of its (broadcastable) arguments, compiled once per process: for the SDPA bias,
+    whose two position terms are strided views in transposed layouts (plus the key padding),
+    inductor writes one tiled kernel instead of eager's strided elementwise ones."""
     global _compiled_add
     with _lock:
         if _compiled_add is None:
