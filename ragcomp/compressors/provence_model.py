@@ -177,8 +177,10 @@ class ProvenceModel(nn.Module):
             def predict(ids: Any, mask: Any, types: Any) -> tuple[Any, Any]:
                 return self.predict(ids, mask, types, fast=fast)
 
+            # Batches bucketed to even sizes: launch groups split a question's passages evenly
+            # (20 passages at batch_size 16: 10 + 10, which a multiple of 4 would pad to 12 + 12).
             cache["runners"][key] = GraphedForward(predict, (pad_id, 0, 0), first.device, enabled=cuda_graphs,
-                                                   max_batch=max_batch)
+                                                   batch_multiple=2, max_batch=max_batch)
         return cache["runners"][key]
 
     def keep_probs(self, token_logits: Any) -> Any:
