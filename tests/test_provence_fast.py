@@ -16,7 +16,13 @@ from ragcomp.compressors.deberta_fast import (  # noqa: E402
     fast_encoder_for,
     unsupported_reason,
 )
-from ragcomp.compressors.graphed import GraphedForward, bucket_shape, pad_inputs  # noqa: E402
+from ragcomp.compressors.graphed import (  # noqa: E402
+    GraphedForward,
+    _pad_into,
+    bucket_shape,
+    pad_inputs,
+    staged_inputs,
+)
 from ragcomp.compressors.provence import ProvenceCompressor, launch_groups  # noqa: E402
 from ragcomp.compressors.provence_inputs import encode_texts, sentence_means  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
@@ -159,6 +165,18 @@ def test_bucket_shapes_and_padding() -> None:
     p_ids, p_mask = pad_inputs([ids, mask], [0, 0], (4, 5))
     assert p_ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [5, 6, 7, 0, 0], [5, 6, 7, 0, 0]]
     assert p_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_staged_inputs_pad_the_same_through_numpy_and_torch() -> None:
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    staged = staged_inputs([ids, mask], [3, 0], (4, 5), pin=False)
+    assert staged.shape == (2, 4, 5)
+    assert staged[0].tolist() == [[5, 6, 7, 3, 3], [8, 9, 0, 3, 3], [5, 6, 7, 3, 3], [5, 6, 7, 3, 3]]
+    as_numpy = np.full((2, 4, 5), -1, np.int64)  # stale contents must not survive
+    for row, x, pad in zip(as_numpy, [ids, mask], [3, 0], strict=True):
+        _pad_into(row, x.numpy(), pad)
+    assert as_numpy.tolist() == staged.tolist()
 
 
 def test_graph_runner_is_eager_off_cuda() -> None:
