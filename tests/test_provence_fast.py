@@ -24,7 +24,7 @@ from ragcomp.compressors.graphed import (  # noqa: E402
     staged_inputs,
 )
 from ragcomp.compressors.provence import ProvenceCompressor, launch_groups  # noqa: E402
-from ragcomp.compressors.provence_inputs import encode_texts, sentence_means  # noqa: E402
+from ragcomp.compressors.provence_inputs import encode_ids, encode_texts, sentence_means  # noqa: E402
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import Sentence, split_sentences  # noqa: E402
@@ -393,3 +393,32 @@ def test_launch_groups_give_the_scores_of_one_call_per_question(tok) -> None:
         for a, b in zip(alone, got, strict=True):
             assert a.windows == b.windows and abs(a.ranking - b.ranking) <= 1e-6
             np.testing.assert_allclose(a.token_probs, b.token_probs, atol=1e-6)
+
+
+def test_ids_only_pass_gives_the_ids_of_the_full_pass(tok) -> None:
+    texts = [QUERY, " ".join(SENTENCES), "", "Ünïcödé naïve café — 1889 年", "a" * 600]
+    assert encode_ids(tok, texts) == encode_texts(tok, texts)[0]
+    assert encode_ids(tok, []) == []
+
+
+def test_deferred_offsets_give_the_same_scores(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On CUDA the launch waits for ids only and offsets come from a second pass; forced here on CPU.
+    net = _tiny_provence()
+    passages = [Passage(str(i), " ".join(SENTENCES[i:] + SENTENCES[:i])) for i in range(4)]
+    comp = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, batch_size=2, passage_cache=0)
+    plain = comp.score(QUERY, passages)
+    monkeypatch.setattr(ProvenceCompressor, "_defers_offsets", staticmethod(lambda net: True))
+    calls: list[int] = []
+    original = ProvenceCompressor._add_offsets
+
+    def counting(*args: object) -> None:
+        calls.append(1)
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ProvenceCompressor, "_add_offsets", staticmethod(counting))
+    deferred = comp.score(QUERY, passages)
+    assert calls == [1]
+    for a, b in zip(plain, deferred, strict=True):
+        assert [x.text for x in a.sentences] == [x.text for x in b.sentences]
+        np.testing.assert_array_equal(a.sentence_scores, b.sentence_scores)
+        np.testing.assert_array_equal(a.token_probs, b.token_probs)

@@ -31,6 +31,7 @@ from ragcomp.compressors.provence_inputs import (
     PassageWork,
     Window,
     batch_inputs,
+    encode_ids,
     encode_texts,
     mean_by_sentence,
     token_sentences,
@@ -243,7 +244,9 @@ class ProvenceCompressor(Compressor):
         Passages go in launch groups of at most `batch_size` (balanced; one question's passages may
         span groups): each group is tokenised (one call: its questions not seen yet and its new
         passages) and launched before the next one is tokenised, so the GPU starts after a fraction
-        of the tokenising, and the CPU work of later groups and the sentences run while it computes."""
+        of the tokenising, and the CPU work of later groups and the sentences run while it computes.
+        On CUDA the launch waits for token ids only; the character offsets that map tokens to
+        sentences come from a second tokenizer pass while the GPU runs."""
         net, tok, lock = self._load()
         if not getattr(tok, "is_fast", False):
             raise ValueError("the encoder's tokenizer must be a fast tokenizer (it needs character offsets)")
@@ -251,8 +254,9 @@ class ProvenceCompressor(Compressor):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         flat = [(qi, p) for qi, ps in enumerate(passages_per_query) for p in ps]
         work: list[PassageWork | None] = [self.passage_cache.get(tok, p.text) for _, p in flat]
-        fresh: dict[int, tuple[list[int], Any]] = {}  # flat index -> (ids, offsets) tokenised now
+        fresh: dict[int, tuple[list[int], Any]] = {}  # flat index -> (ids, offsets or None) tokenised now
         q_ids: dict[int, list[int]] = {}
+        defer_offsets = self._defers_offsets(net)
         windows: list[Window] = []
         owner: list[int] = []
         collects: list[Callable[[], tuple[list[float], list[np.ndarray]]]] = []
@@ -261,7 +265,10 @@ class ProvenceCompressor(Compressor):
             new_qs = sorted({flat[j][0] for j in js} - q_ids.keys())
             with profile_range("provence.tokenize"), lock:  # fast tokenizers are not thread-safe either
                 texts = [queries[qi] for qi in new_qs] + [flat[j][1].text for j in new]
-                ids, offsets = encode_texts(tok, texts)
+                if defer_offsets:
+                    ids, offsets = encode_ids(tok, texts), [None] * len(texts)
+                else:
+                    ids, offsets = encode_texts(tok, texts)
             q_ids.update(zip(new_qs, ids, strict=False))
             fresh.update((j, (ids[len(new_qs) + n], offsets[len(new_qs) + n])) for n, j in enumerate(new))
             with profile_range("provence.windows"):
@@ -276,6 +283,8 @@ class ProvenceCompressor(Compressor):
             windows.extend(group_windows)
         # CPU work while the GPU runs: sentences of the new passages, and which sentence each token is in.
         with profile_range("provence.sentences"):
+            if defer_offsets and fresh:
+                self._add_offsets(tok, lock, flat, fresh)
             for j, (p_ids, offs) in fresh.items():
                 sents = split_sentences(flat[j][1].text)
                 work[j] = PassageWork(p_ids, sents, token_sentences(sents, offs))
@@ -289,6 +298,25 @@ class ProvenceCompressor(Compressor):
                 probs += pr
         with profile_range("provence.sentence_means"):
             return self._passage_scores(len(queries), flat, work, windows, owner, ranks, probs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _defers_offsets(net: Any) -> bool:
+        """Whether the launch waits for ids only: where the forward runs asynchronously (CUDA), so
+        the offsets pass overlaps it; elsewhere one pass gives both."""
+        return next(net.parameters()).device.type == "cuda"
+
+    @staticmethod
+    def _add_offsets(tok: Any, lock: threading.Lock, flat: list[tuple[int, Passage]],
+                     fresh: dict[int, tuple[list[int], Any]]) -> None:
+        """Character offsets of the passages tokenised for ids only (in place); their ids must come
+        out the same, or the token-to-sentence map would be wrong."""
+        order = list(fresh)
+        with lock:
+            ids, offsets = encode_texts(tok, [flat[j][1].text for j in order])
+        for j, again, offs in zip(order, ids, offsets, strict=True):
+            if again != fresh[j][0]:
+                raise RuntimeError("the tokenizer gave different ids in its second pass over a passage")
+            fresh[j] = (again, offs)
 
     @staticmethod
     def _passage_scores(n_queries: int, flat: list[tuple[int, Passage]], work: list[PassageWork],

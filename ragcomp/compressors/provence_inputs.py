@@ -91,6 +91,19 @@ def encode_texts(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]
     return enc["input_ids"], enc["offset_mapping"]
 
 
+def encode_ids(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: the same ids as `encode_texts`, without the
+    character offsets (the Rust tokenizer's `encode_batch_fast` skips tracking them, about 40%
+    less time), for the part of the work the GPU waits on."""
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and hasattr(backend, "encode_batch_fast")):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return encode_texts(tok, texts)[0]
+
+
 def batch_inputs(windows: list[Window], pad_id: int, width_multiple: int) -> tuple[
         np.ndarray, np.ndarray, np.ndarray]:
     """(ids, mask, types) int64 arrays [len(windows), width] for one batch, width rounded up."""
