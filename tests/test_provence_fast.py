@@ -179,6 +179,17 @@ def test_staged_inputs_pad_the_same_through_numpy_and_torch() -> None:
     assert as_numpy.tolist() == staged.tolist()
 
 
+def test_graph_runner_refuses_inputs_of_mixed_shape_or_dtype() -> None:
+    run = GraphedForward(lambda *xs: xs, (0, 0), "cpu")
+    run.enabled = True  # the check runs before anything is staged for a graph
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="share one dtype and one"):
+        run(ids, torch.tensor([[1.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="share one dtype and one"):
+        run(ids, torch.tensor([[1, 1]]))
+    assert not run.graphs
+
+
 def test_graph_runner_is_eager_off_cuda() -> None:
     torch.manual_seed(0)
     net = ProvenceModel(_v3_config()).eval()
