@@ -60,7 +60,8 @@ def load_with_adapter(model: str | None, adapter: str, device: str | None, dtype
     try:
         import peft
     except ImportError as e:
-        raise ImportError("loading an EXIT LoRA adapter needs peft: pip install peft") from e
+        raise ImportError("loading an EXIT LoRA adapter needs peft: pip install peft "
+                          "(or ragcomp[exit])") from e
     transformers = require("transformers", "models")
     base = model or peft.PeftConfig.from_pretrained(adapter).base_model_name_or_path
     device = device or default_device()
