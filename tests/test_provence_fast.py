@@ -3,6 +3,8 @@ test compares replayed and eager outputs), and the Provence compressor's vectori
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ragcomp import Passage  # noqa: E402
+from ragcomp.compressors import provence as provence_module  # noqa: E402
 from ragcomp.compressors.deberta_fast import (  # noqa: E402
     FastDebertaV2Encoder,
     _skew,
@@ -23,8 +26,14 @@ from ragcomp.compressors.graphed import (  # noqa: E402
     pad_inputs,
     staged_inputs,
 )
-from ragcomp.compressors.provence import ProvenceCompressor, launch_groups  # noqa: E402
-from ragcomp.compressors.provence_inputs import encode_ids, encode_texts, sentence_means  # noqa: E402
+from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
+from ragcomp.compressors.provence_inputs import (  # noqa: E402
+    add_offsets,
+    encode_ids,
+    encode_texts,
+    launch_groups,
+    sentence_means,
+)
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import Sentence, split_sentences  # noqa: E402
@@ -420,16 +429,26 @@ def test_deferred_offsets_give_the_same_scores(tok, monkeypatch: pytest.MonkeyPa
     plain = comp.score(QUERY, passages)
     monkeypatch.setattr(ProvenceCompressor, "_defers_offsets", staticmethod(lambda net: True))
     calls: list[int] = []
-    original = ProvenceCompressor._add_offsets
+    original = provence_module.add_offsets
 
     def counting(*args: object) -> None:
         calls.append(1)
         original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ProvenceCompressor, "_add_offsets", staticmethod(counting))
+    monkeypatch.setattr(provence_module, "add_offsets", counting)
     deferred = comp.score(QUERY, passages)
     assert calls == [1]
     for a, b in zip(plain, deferred, strict=True):
         assert [x.text for x in a.sentences] == [x.text for x in b.sentences]
         np.testing.assert_array_equal(a.sentence_scores, b.sentence_scores)
         np.testing.assert_array_equal(a.token_probs, b.token_probs)
+
+
+def test_a_second_pass_with_other_ids_is_refused(tok) -> None:
+    fresh = {0: ([1, 2, 3], None)}
+    with pytest.raises(RuntimeError, match="different ids in its second pass"):
+        add_offsets(tok, threading.Lock(), ["Paris is big."], fresh)
+    ids = encode_ids(tok, ["Paris is big."])[0]
+    fresh = {0: (ids, None)}
+    add_offsets(tok, threading.Lock(), ["Paris is big."], fresh)
+    assert fresh[0] == (ids, encode_texts(tok, ["Paris is big."])[1][0])

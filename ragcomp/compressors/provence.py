@@ -30,9 +30,11 @@ from ragcomp.compressors.provence_inputs import (
     PassageCache,
     PassageWork,
     Window,
+    add_offsets,
     batch_inputs,
     encode_ids,
     encode_texts,
+    launch_groups,
     mean_by_sentence,
     token_sentences,
 )
@@ -284,7 +286,7 @@ class ProvenceCompressor(Compressor):
         # CPU work while the GPU runs: sentences of the new passages, and which sentence each token is in.
         with profile_range("provence.sentences"):
             if defer_offsets and fresh:
-                self._add_offsets(tok, lock, flat, fresh)
+                add_offsets(tok, lock, [p.text for _, p in flat], fresh)
             for j, (p_ids, offs) in fresh.items():
                 sents = split_sentences(flat[j][1].text)
                 work[j] = PassageWork(p_ids, sents, token_sentences(sents, offs))
@@ -304,19 +306,6 @@ class ProvenceCompressor(Compressor):
         """Whether the launch waits for ids only: where the forward runs asynchronously (CUDA), so
         the offsets pass overlaps it; elsewhere one pass gives both."""
         return next(net.parameters()).device.type == "cuda"
-
-    @staticmethod
-    def _add_offsets(tok: Any, lock: threading.Lock, flat: list[tuple[int, Passage]],
-                     fresh: dict[int, tuple[list[int], Any]]) -> None:
-        """Character offsets of the passages tokenised for ids only (in place); their ids must come
-        out the same, or the token-to-sentence map would be wrong."""
-        order = list(fresh)
-        with lock:
-            ids, offsets = encode_texts(tok, [flat[j][1].text for j in order])
-        for j, again, offs in zip(order, ids, offsets, strict=True):
-            if again != fresh[j][0]:
-                raise RuntimeError("the tokenizer gave different ids in its second pass over a passage")
-            fresh[j] = (again, offs)
 
     @staticmethod
     def _passage_scores(n_queries: int, flat: list[tuple[int, Passage]], work: list[PassageWork],
@@ -406,18 +395,3 @@ def _tokenizer(name_or_path: str, net: Any) -> Any:
     return transformers.AutoTokenizer.from_pretrained(name_or_path, config=net.backbone_config,
                                                       trust_remote_code=False)
 
-
-def launch_groups(n_passages: int, batch_size: int) -> list[list[int]]:
-    """Consecutive passage indices in the fewest groups of at most `batch_size`, sizes as even as
-    possible (20 passages in batches of 16: 10 and 10, not 16 and 4, so the first launch waits for
-    half of the tokenising and both batches keep the GPU as busy)."""
-    if n_passages <= 0:
-        return []
-    n_groups = -(-n_passages // batch_size)
-    base, extra = divmod(n_passages, n_groups)
-    out, start = [], 0
-    for g in range(n_groups):
-        size = base + (g < extra)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out

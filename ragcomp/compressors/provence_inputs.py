@@ -147,3 +147,32 @@ def mean_by_sentence(token_sentence: np.ndarray, n_sentences: int, probs: np.nda
     # A sentence with no token of its own (rare: characters the tokenizer drops) gets the passage mean.
     fallback = float(probs.mean()) if len(probs) else 0.0
     return np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)
+
+
+def launch_groups(n_passages: int, batch_size: int) -> list[list[int]]:
+    """Consecutive passage indices in the fewest groups of at most `batch_size`, sizes as even as
+    possible (20 passages in batches of 16: 10 and 10, not 16 and 4, so the first launch waits for
+    half of the tokenising and both batches keep the GPU as busy)."""
+    if n_passages <= 0:
+        return []
+    n_groups = -(-n_passages // batch_size)
+    base, extra = divmod(n_passages, n_groups)
+    out, start = [], 0
+    for g in range(n_groups):
+        size = base + (g < extra)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def add_offsets(tok: Any, lock: Any, texts: list[str], fresh: dict[int, tuple[list[int], Any]]) -> None:
+    """Character offsets for the texts tokenised for ids only (`fresh`: index into `texts` -> (ids,
+    offsets or None)), in place, under the tokenizer's `lock`; their ids must come out the same, or
+    the token-to-sentence map would be wrong."""
+    order = list(fresh)
+    with lock:
+        ids, offsets = encode_texts(tok, [texts[j] for j in order])
+    for j, again, offs in zip(order, ids, offsets, strict=True):
+        if again != fresh[j][0]:
+            raise RuntimeError("the tokenizer gave different ids in its second pass over a passage")
+        fresh[j] = (again, offs)
