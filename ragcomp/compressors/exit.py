@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,13 @@ from ragcomp.compressors.exit_batch import (
     build_packs,
     group_packs,
 )
-from ragcomp.compressors.exit_prompt import Template, build_template, load_with_adapter
+from ragcomp.compressors.exit_prompt import (
+    PromptUnit,
+    Template,
+    build_template,
+    load_with_adapter,
+    prompt_units,
+)
 from ragcomp.models import CausalLM, load_causal_lm
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -64,16 +69,6 @@ _Row = tuple[int, list[int]]  # (unit index, sentence ids + template tail)
 @functools.lru_cache(maxsize=65536)
 def _sentences(text: str) -> tuple[Sentence, ...]:
     return tuple(split_sentences(text))
-
-
-@dataclass
-class _Unit:
-    """One context window of one passage: a shared prefix and one row per sentence."""
-
-    passage: int
-    prefix: list[int]
-    rows: list[list[int]]  # sentence ids + template tail
-    sentences: list[int]  # indices into the passage's sentences
 
 
 class ExitCompressor(Compressor):
@@ -182,50 +177,9 @@ class ExitCompressor(Compressor):
     def _ids(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
 
-    def _units(self, query: str, passages: list[Passage]) -> tuple[list[_Unit], int]:
-        """Prompt pieces per context window (prefix + row is exactly the per-sentence prompt),
-        and how many prefix tokens all units share (template head, query, "Full context:")."""
-        t, limit = self.template, self.limit
-        if t.fixed > limit // 4:
-            raise ValueError(f"max_length={limit} is too small for the prompt template ({t.fixed} tokens)")
-        q_ids = self._ids(query)[: limit // 4]  # rule: a huge query keeps its first quarter-window
-        units = []
-        for pi, p in enumerate(passages):
-            sents = _sentences(p.text)
-            if not sents:
-                continue
-            title = p.metadata.get("title") if self.use_title else None
-            title_ids = self._ids(f"{title}\n") if isinstance(title, str) and title.strip() else []
-            s_ids = [self._ids(s.text)[: limit // 4] for s in sents]
-            head = t.head + q_ids + t.mid_context + title_ids
-            room = limit - t.fixed - len(q_ids) - len(title_ids)
-            for a, b, ctx in self._windows(p.text, sents, s_ids, room):
-                prefix = head + ctx + t.mid_sentence
-                units.append(_Unit(pi, prefix, [s_ids[i] + t.tail for i in range(a, b)], list(range(a, b))))
-        return units, len(t.head) + len(q_ids) + len(t.mid_context)
-
-    def _windows(self, text: str, sents: tuple[Sentence, ...], s_ids: list[list[int]],
-                 room: int) -> list[tuple[int, int, list[int]]]:
-        """Consecutive sentence ranges [a, b) whose context ids plus their longest sentence fit `room`."""
-        out: list[tuple[int, int, list[int]]] = []
-        a = 0
-        while a < len(sents):
-            b, est, longest = a, 0, 0
-            while b < len(sents):
-                n = len(s_ids[b]) + 1  # +1: the space before a sentence may be its own token
-                if est + n + max(longest, n - 1) > room:
-                    break
-                est, longest, b = est + n, max(longest, n - 1), b + 1
-            b = max(b, a + 1)  # a single sentence always makes a window (its context is cut below)
-            while True:
-                ctx = self._ids(text[sents[a].start : sents[b - 1].end])
-                budget = room - max(len(x) for x in s_ids[a:b])
-                if len(ctx) <= budget or b == a + 1:
-                    break
-                b -= 1  # the estimate was short: give the last sentence to the next window
-            out.append((a, b, ctx[: max(budget, 0)]))
-            a = b
-        return out
+    def _units(self, query: str, passages: list[Passage]) -> tuple[list[PromptUnit], int]:
+        """Prompt pieces per context window, and how many prefix tokens all units share."""
+        return prompt_units(self.template, self.limit, self._ids, query, passages, _sentences, self.use_title)
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, query: str, passages: list[Passage], method: str | None = None) -> list[np.ndarray]:
@@ -274,7 +228,7 @@ class ExitCompressor(Compressor):
             logits = torch.tanh(logits / cap) * cap
         return torch.softmax(logits, dim=-1)[:, 0].cpu().numpy()
 
-    def _per_sentence(self, unit: _Unit) -> np.ndarray:
+    def _per_sentence(self, unit: PromptUnit) -> np.ndarray:
         """The published way: one full forward over the whole prompt per sentence."""
         torch = require("torch", "models")
         dec, dev = self.lm.model.get_decoder(), self.lm.device
@@ -285,7 +239,7 @@ class ExitCompressor(Compressor):
             probs.append(self._yes_prob(hidden)[0])
         return np.asarray(probs, np.float32)
 
-    def _batched(self, units: list[_Unit], shared: int) -> list[np.ndarray]:
+    def _batched(self, units: list[PromptUnit], shared: int) -> list[np.ndarray]:
         """Encode the query part once, each unit's context once on top of it, then score the
         sentences of all units in packed batches over those caches."""
         torch = require("torch", "models")
@@ -331,7 +285,7 @@ class ExitCompressor(Compressor):
         flat = np.concatenate(probs).astype(np.float32)
         return np.split(flat, np.cumsum([len(u.rows) for u in units])[:-1])
 
-    def _single_pass(self, questions: list[tuple[list[_Unit], int]]) -> list[list[np.ndarray]]:
+    def _single_pass(self, questions: list[tuple[list[PromptUnit], int]]) -> list[list[np.ndarray]]:
         """Every question's prefixes and sentence rows in block-masked packs, packs side by
         side in padded batches: one forward per batch (see `exit_batch`)."""
         torch = require("torch", "models")
@@ -352,7 +306,7 @@ class ExitCompressor(Compressor):
                 probs[qi][ui][ri] = pr
         return probs
 
-    def _chunks(self, units: list[_Unit], rows: list[_Row]) -> list[list[_Row]]:
+    def _chunks(self, units: list[PromptUnit], rows: list[_Row]) -> list[list[_Row]]:
         """Rows in order, at most `batch_size` per forward and a bounded mask (queries x keys)."""
         budget = _MAX_MASK["cpu" if str(self.lm.device).startswith("cpu") else "other"]
         chunks: list[list[_Row]] = []
@@ -367,7 +321,7 @@ class ExitCompressor(Compressor):
             cur = cand
         return [*chunks, cur] if cur else chunks
 
-    def _padded(self, unit: _Unit, cache: Any) -> np.ndarray:
+    def _padded(self, unit: PromptUnit, cache: Any) -> np.ndarray:
         """Right-padded rows over one unit's cache: a real token never attends to the pads after it."""
         torch = require("torch", "models")
         dec, dev, pad = self.lm.model.get_decoder(), self.lm.device, self._pad_id()

@@ -5,12 +5,15 @@ model with EXIT's PEFT LoRA adapter merged in."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ragcomp._optional import require
 from ragcomp.models import CausalLM, default_device, resolve_dtype, resolve_model_path
+from ragcomp.text import Sentence
+from ragcomp.types import Passage
 
 QUESTION = 'Is this sentence useful in answering the query? Answer only "Yes" or "No".'
 _MARK_Q, _MARK_C, _MARK_S = "@@RAGCOMP_QUERY@@", "@@RAGCOMP_CONTEXT@@", "@@RAGCOMP_SENTENCE@@"
@@ -73,3 +76,62 @@ def load_with_adapter(model: str | None, adapter: str, device: str | None, dtype
     merged = peft.PeftModel.from_pretrained(lm, adapter).merge_and_unload()
     merged.to(device).eval()
     return CausalLM(f"{base}+{adapter}", merged, tok, device, torch_dtype)
+
+
+@dataclass
+class PromptUnit:
+    """One context window of one passage: a shared prefix and one row per sentence."""
+
+    passage: int
+    prefix: list[int]
+    rows: list[list[int]]  # sentence ids + template tail
+    sentences: list[int]  # indices into the passage's sentences
+
+
+def prompt_units(t: Template, limit: int, encode: Callable[[str], list[int]], query: str,
+                 passages: list[Passage], sentences: Callable[[str], Sequence[Sentence]],
+                 use_title: bool) -> tuple[list[PromptUnit], int]:
+    """Prompt pieces per context window (prefix + row is exactly the per-sentence prompt) of at
+    most `limit` tokens, and how many prefix tokens all units share (template head, query,
+    "Full context:")."""
+    if t.fixed > limit // 4:
+        raise ValueError(f"max_length={limit} is too small for the prompt template ({t.fixed} tokens)")
+    q_ids = encode(query)[: limit // 4]  # rule: a huge query keeps its first quarter-window
+    units = []
+    for pi, p in enumerate(passages):
+        sents = sentences(p.text)
+        if not sents:
+            continue
+        title = p.metadata.get("title") if use_title else None
+        title_ids = encode(f"{title}\n") if isinstance(title, str) and title.strip() else []
+        s_ids = [encode(s.text)[: limit // 4] for s in sents]
+        head = t.head + q_ids + t.mid_context + title_ids
+        room = limit - t.fixed - len(q_ids) - len(title_ids)
+        for a, b, ctx in sentence_windows(p.text, sents, s_ids, room, encode):
+            prefix = head + ctx + t.mid_sentence
+            units.append(PromptUnit(pi, prefix, [s_ids[i] + t.tail for i in range(a, b)], list(range(a, b))))
+    return units, len(t.head) + len(q_ids) + len(t.mid_context)
+
+
+def sentence_windows(text: str, sents: Sequence[Sentence], s_ids: list[list[int]], room: int,
+                     encode: Callable[[str], list[int]]) -> list[tuple[int, int, list[int]]]:
+    """Consecutive sentence ranges [a, b) whose context ids plus their longest sentence fit `room`."""
+    out: list[tuple[int, int, list[int]]] = []
+    a = 0
+    while a < len(sents):
+        b, est, longest = a, 0, 0
+        while b < len(sents):
+            n = len(s_ids[b]) + 1  # +1: the space before a sentence may be its own token
+            if est + n + max(longest, n - 1) > room:
+                break
+            est, longest, b = est + n, max(longest, n - 1), b + 1
+        b = max(b, a + 1)  # a single sentence always makes a window (its context is cut below)
+        while True:
+            ctx = encode(text[sents[a].start : sents[b - 1].end])
+            budget = room - max(len(x) for x in s_ids[a:b])
+            if len(ctx) <= budget or b == a + 1:
+                break
+            b -= 1  # the estimate was short: give the last sentence to the next window
+        out.append((a, b, ctx[: max(budget, 0)]))
+        a = b
+    return out
