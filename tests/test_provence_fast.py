@@ -24,7 +24,6 @@ from ragcomp.compressors.graphed import (  # noqa: E402
     _pad_into,
     bucket_shape,
     pad_inputs,
-    staged_inputs,
 )
 from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
 from ragcomp.compressors.provence_inputs import (  # noqa: E402
@@ -176,10 +175,10 @@ def test_bucket_shapes_and_padding() -> None:
     assert p_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
 
 
-def test_staged_inputs_pad_the_same_through_numpy_and_torch() -> None:
+def test_inputs_pad_the_same_through_numpy_and_torch() -> None:
     ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    staged = staged_inputs([ids, mask], [3, 0], (4, 5), pin=False)
+    staged = torch.stack(pad_inputs([ids, mask], [3, 0], (4, 5)))
     assert staged.shape == (2, 4, 5)
     assert staged[0].tolist() == [[5, 6, 7, 3, 3], [8, 9, 0, 3, 3], [5, 6, 7, 3, 3], [5, 6, 7, 3, 3]]
     as_numpy = np.full((2, 4, 5), -1, np.int64)  # stale contents must not survive

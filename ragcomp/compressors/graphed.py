@@ -73,17 +73,6 @@ def _pad_into(full: Any, x: Any, pad: int) -> None:
     full[batch:, :width] = x[:1]
 
 
-def staged_inputs(inputs: Sequence[Any], pad_values: Sequence[int], shape: tuple[int, int],
-                  pin: bool) -> Any:
-    """The inputs padded to `shape` (as `pad_inputs`) in one `[len(inputs), *shape]` host tensor, in
-    pinned memory when `pin`: one asynchronous upload instead of one per input."""
-    torch = require("torch", "models")
-    staged = torch.empty((len(inputs), *shape), dtype=inputs[0].dtype, pin_memory=pin)
-    for row, x, pad in zip(staged, inputs, pad_values, strict=True):
-        _pad_into(row, x, pad)
-    return staged
-
-
 @dataclass
 class _Graph:
     graph: Any
@@ -127,37 +116,41 @@ class GraphedForward:
         with self._lock:
             graph = self.graphs.get(shape)
             if graph is None:
-                graph = self._capture(staged_inputs(inputs, self.pad_values, shape, pin=False))
+                graph = self._capture(self._torch.stack(pad_inputs(inputs, self.pad_values, shape)))
                 if graph is not None:
                     self.graphs[shape] = graph
         if graph is None:
             return self.fn(*(x.to(self.device, non_blocking=True) for x in inputs))
-        torch = self._torch
         with self._lock:
-            with profile_range("graphs.pad"):
-                if graph.staging is None:
-                    graph.staging = torch.empty(graph.inputs.shape, dtype=graph.inputs.dtype, pin_memory=True)
-                    graph.uploaded = torch.cuda.Event()
-                else:
-                    graph.uploaded.synchronize()  # the previous upload has read the buffer
-                if all(x.device.type == "cpu" for x in inputs):  # numpy: ~1 us per slice, torch ~20
-                    staging = graph.staging.numpy()
-                    for row, x, pad in zip(staging, inputs, self.pad_values, strict=True):
-                        _pad_into(row, x.numpy(), pad)
-                else:
-                    for row, x, pad in zip(graph.staging, inputs, self.pad_values, strict=True):
-                        _pad_into(row, x, pad)
-            with profile_range("graphs.copy_in"):
-                graph.inputs.copy_(graph.staging, non_blocking=True)  # pinned: asynchronous
-                graph.uploaded.record()
+            if all(x.device.type == "cpu" for x in inputs):
+                self._upload(graph, inputs)
+            else:  # already on a device: pad straight into the graph's inputs
+                for row, x, pad in zip(graph.inputs, inputs, self.pad_values, strict=True):
+                    _pad_into(row, x, pad)
             with profile_range("graphs.replay"):
                 graph.graph.replay()
             with profile_range("graphs.copy_out"):
                 # Outputs live in the shared pool and the next replay overwrites them: copy them out.
                 return tuple(_unpad(y, batch, width, shape[1]).clone() for y in graph.outputs)
 
+    def _upload(self, graph: _Graph, inputs: Sequence[Any]) -> None:
+        """Host inputs padded into the graph's pinned staging buffer (through numpy: ~1 us per
+        slice, torch ~20), then one asynchronous upload into its static inputs."""
+        torch = self._torch
+        with profile_range("graphs.pad"):
+            if graph.staging is None:
+                graph.staging = torch.empty(graph.inputs.shape, dtype=graph.inputs.dtype, pin_memory=True)
+                graph.uploaded = torch.cuda.Event()
+            else:
+                graph.uploaded.synchronize()  # the previous upload has read the buffer
+            for row, x, pad in zip(graph.staging.numpy(), inputs, self.pad_values, strict=True):
+                _pad_into(row, x.numpy(), pad)
+        with profile_range("graphs.copy_in"):
+            graph.inputs.copy_(graph.staging, non_blocking=True)  # pinned: asynchronous
+            graph.uploaded.record()
+
     def _capture(self, staged: Any) -> _Graph | None:
-        torch = require("torch", "models")
+        torch = self._torch
         try:
             static_all = staged.to(self.device)
             static = list(static_all.unbind(0))

@@ -83,8 +83,8 @@ def encode_texts(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]
     costs about a third of the time); through the wrapper otherwise."""
     if not texts:
         return [], []
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
+    backend = _plain_backend(tok)
+    if backend is not None:
         encodings = backend.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encodings], [e.offsets for e in encodings]
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -97,11 +97,19 @@ def encode_ids(tok: Any, texts: list[str]) -> list[list[int]]:
     less time), for the part of the work the GPU waits on."""
     if not texts:
         return []
-    backend = getattr(tok, "backend_tokenizer", None)
-    if (backend is not None and backend.truncation is None and backend.padding is None
-            and hasattr(backend, "encode_batch_fast")):
+    backend = _plain_backend(tok)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return encode_texts(tok, texts)[0]
+
+
+def _plain_backend(tok: Any) -> Any:
+    """The Rust tokenizer behind `tok` when it carries no truncation or padding setting (so its
+    output equals the wrapper's), else None."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return backend
+    return None
 
 
 def batch_inputs(windows: list[Window], pad_id: int, width_multiple: int) -> tuple[
