@@ -27,10 +27,14 @@ from ragcomp.compressors.graphed import (  # noqa: E402
 )
 from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
 from ragcomp.compressors.provence_inputs import (  # noqa: E402
+    PassageWork,
+    Window,
+    WindowFold,
     add_offsets,
     encode_ids,
     encode_texts,
     launch_groups,
+    mean_by_sentence,
     sentence_means,
 )
 from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
@@ -451,3 +455,46 @@ def test_a_second_pass_with_other_ids_is_refused(tok) -> None:
     fresh = {0: (ids, None)}
     add_offsets(tok, threading.Lock(), ["Paris is big."], fresh)
     assert fresh[0] == (ids, encode_texts(tok, ["Paris is big."])[1][0])
+
+
+def _fold_per_passage(work: list[PassageWork], windows: list[Window], owner: list[int],
+                      ranks: list[float], probs: list[np.ndarray]) -> tuple[list, list, list]:
+    """The fold written passage by passage (the compressor's code before WindowFold)."""
+    sums = [np.zeros(len(w.ids), np.float64) for w in work]
+    counts = [np.zeros(len(w.ids), np.float64) for w in work]
+    best: list = [None] * len(work)
+    for w, j, r, pr in zip(windows, owner, ranks, probs, strict=True):
+        sums[j][w.lo : w.hi] += pr
+        counts[j][w.lo : w.hi] += 1
+        best[j] = r if best[j] is None else max(best[j], r)
+    token_probs = [(s / np.maximum(c, 1)).astype(np.float32) for s, c in zip(sums, counts, strict=True)]
+    scores = [mean_by_sentence(w.token_sentence, len(w.sentences), t)
+              for w, t in zip(work, token_probs, strict=True)]
+    return best, token_probs, scores
+
+
+def test_window_fold_equals_folding_each_passage_alone() -> None:
+    rng = np.random.default_rng(3)
+    sent = Sentence("x", 0, 1)
+    # Passages: overlapping windows, one window, no tokens (no window), a tokenless sentence, none.
+    token_sentence = [np.repeat([0, 1, 2], [5, 7, 8]), np.array([-1, 0, 0, 1, -1]), np.zeros(0, np.int64),
+                      np.array([0, 0, 2, 2]), np.array([-1, -1, -1])]
+    n_sentences = [3, 2, 1, 3, 0]
+    work = [PassageWork(list(range(len(t))), [sent] * n, t)
+            for t, n in zip(token_sentence, n_sentences, strict=True)]
+    spans = [(0, 0, 12), (0, 8, 20), (1, 0, 5), (3, 0, 4), (0, 10, 20), (4, 0, 3)]
+    windows = [Window([], [], lo, hi, 2) for _, lo, hi in spans]
+    owner = [j for j, _, _ in spans]
+    ranks = [float(x) for x in rng.normal(size=len(spans))]
+    probs = [rng.random(hi - lo).astype(np.float32) for _, lo, hi in spans]
+    fold = WindowFold(work, windows, owner)
+    got = fold.apply(ranks, probs)
+    want = _fold_per_passage(work, windows, owner, ranks, probs)
+    assert got[0] == want[0] and got[0][2] is None  # a passage with no window has no ranking
+    for a, b in zip(got[1] + got[2], want[1] + want[2], strict=True):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    assert got[2][3][1] == np.float32(probs[3].mean())  # sentence 1 of passage 3 has no token
+    assert got[2][2].tolist() == [0.0]  # no tokens at all: sentences score 0
+    assert fold.spans == [[(0, 12), (8, 20), (10, 20)], [(0, 5)], [], [(0, 4)], [(0, 3)]]
+    assert [len(x) for x in WindowFold([], [], []).apply([], [])] == [0, 0, 0]

@@ -250,8 +250,9 @@ def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str]
         with profile(activities=activities) as prof:
             for it in items[:n]:
                 t = time.perf_counter()
-                comp.compress(*it)
-                sync()
+                with torch.profiler.record_function("bench.question"):
+                    comp.compress(*it)
+                    sync()
                 walls.append(time.perf_counter() - t)
         if args.trace:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
@@ -270,10 +271,54 @@ def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str]
                      "cpu_ms_per_q": round(statistics.median(walls) * 1e3, 3), "gpu_ms_per_q": None})
         label = str(dtype).split(".")[-1]
         print_table(rows, f"Profile of path {path} ({label}, {n} questions): per question")
+        if on_gpu:
+            print_table(_critical_path(prof.events()), f"Critical path of path {path} ({label}): "
+                        "median over the profiled questions, ms from the question's start")
         sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=20, max_name_column_width=60))
         del comp
     del model
+
+
+def _critical_path(events: Any) -> list[dict[str, Any]]:
+    """When, within each profiled question, the CPU reached each named range and the GPU worked:
+    the GPU's first and last work (copies included), its busy time, and what the CPU did before
+    and after it (medians over the questions, ms from the question's start; CPU and GPU times
+    share the profiler's clock)."""
+    from torch.autograd import DeviceType
+
+    questions = [e for e in events if e.name == "bench.question"]
+    gpu = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+    marks: dict[str, list[float]] = {}
+
+    def mark(name: str, value: float) -> None:
+        marks.setdefault(name, []).append(value / 1e3)
+
+    for q in questions:
+        start, end = q.time_range.start, q.time_range.end
+        seen: set[str] = set()
+        for e in sorted(events, key=lambda e: e.time_range.start):
+            if (e.name.startswith(("provence.", "graphs.")) and e.name not in seen
+                    and start <= e.time_range.start <= end):
+                seen.add(e.name)  # a range's first occurrence in the question
+                mark(f"{e.name} starts", e.time_range.start - start)
+                mark(f"{e.name} ends", e.time_range.end - start)
+        work = sorted((e.time_range.start, e.time_range.end) for e in gpu
+                      if start <= e.time_range.start <= end)
+        if work:
+            busy, reach = 0.0, work[0][0]
+            for lo, hi in work:  # union of the intervals (copies may overlap kernels)
+                busy += max(0.0, hi - max(lo, reach))
+                reach = max(reach, hi)
+            mark("GPU: first work starts", work[0][0] - start)
+            mark("GPU: last work ends", reach - start)
+            mark("GPU: busy (union of work)", busy)
+        mark("end", end - start)
+    busy = marks.pop("GPU: busy (union of work)", [])
+    rows = sorted(({"event": k, "ms": round(statistics.median(v), 3)} for k, v in marks.items()),
+                  key=lambda r: r["ms"])
+    return rows + ([{"event": "GPU: busy (union of work)", "ms": round(statistics.median(busy), 3)}]
+                   if busy else [])
 
 
 def _device_us(event: Any, self_only: bool = False) -> float:

@@ -30,12 +30,12 @@ from ragcomp.compressors.provence_inputs import (
     PassageCache,
     PassageWork,
     Window,
+    WindowFold,
     add_offsets,
     batch_inputs,
     encode_ids,
     encode_texts,
     launch_groups,
-    mean_by_sentence,
     token_sentences,
 )
 from ragcomp.models import default_device, resolve_dtype
@@ -291,6 +291,8 @@ class ProvenceCompressor(Compressor):
                 sents = split_sentences(flat[j][1].text)
                 work[j] = PassageWork(p_ids, sents, token_sentences(sents, offs))
                 self.passage_cache.put(tok, flat[j][1].text, work[j])  # type: ignore[arg-type]
+        with profile_range("provence.fold_plan"):
+            fold = WindowFold(work, windows, owner)  # type: ignore[arg-type]
         ranks: list[float] = []
         probs: list[np.ndarray] = []
         with profile_range("provence.wait"):
@@ -299,37 +301,20 @@ class ProvenceCompressor(Compressor):
                 ranks += r
                 probs += pr
         with profile_range("provence.sentence_means"):
-            return self._passage_scores(len(queries), flat, work, windows, owner, ranks, probs)  # type: ignore[arg-type]
+            best, token_probs, sentence_scores = fold.apply(ranks, probs)
+            out: list[list[PassageScores]] = [[] for _ in queries]
+            for j, (qi, p) in enumerate(flat):
+                pw = work[j]
+                # A copy of the cached list: callers may edit what they get.
+                out[qi].append(PassageScores(p, best[j], list(pw.sentences),  # type: ignore[union-attr]
+                                             sentence_scores[j], token_probs[j], fold.spans[j]))
+            return out
 
     @staticmethod
     def _defers_offsets(net: Any) -> bool:
         """Whether the launch waits for ids only: where the forward runs asynchronously (CUDA), so
         the offsets pass overlaps it; elsewhere one pass gives both."""
         return next(net.parameters()).device.type == "cuda"
-
-    @staticmethod
-    def _passage_scores(n_queries: int, flat: list[tuple[int, Passage]], work: list[PassageWork],
-                        windows: list[Window], owner: list[int], ranks: list[float],
-                        probs: list[np.ndarray]) -> list[list[PassageScores]]:
-        """Window outputs folded back per passage: keep probabilities averaged where windows overlap,
-        ranking = best window, sentence scores = mean keep probability of each sentence's tokens."""
-        sums = [np.zeros(len(w.ids), np.float64) for w in work]
-        counts = [np.zeros(len(w.ids), np.float64) for w in work]
-        best: list[float | None] = [None] * len(flat)
-        spans: list[list[tuple[int, int]]] = [[] for _ in flat]
-        for w, j, r, pr in zip(windows, owner, ranks, probs, strict=True):
-            sums[j][w.lo : w.hi] += pr
-            counts[j][w.lo : w.hi] += 1
-            best[j] = r if best[j] is None else max(best[j], r)  # type: ignore[type-var]
-            spans[j].append((w.lo, w.hi))
-        out: list[list[PassageScores]] = [[] for _ in range(n_queries)]
-        for j, (qi, p) in enumerate(flat):
-            token_probs = (sums[j] / np.maximum(counts[j], 1)).astype(np.float32)
-            pw = work[j]
-            sent_scores = mean_by_sentence(pw.token_sentence, len(pw.sentences), token_probs)
-            # A copy of the cached list: callers may edit what they get.
-            out[qi].append(PassageScores(p, best[j], list(pw.sentences), sent_scores, token_probs, spans[j]))
-        return out
 
     def score(self, query: str, passages: list[PassageLike]) -> list[PassageScores]:
         return self.score_batch([query], [as_passages(passages)])[0]

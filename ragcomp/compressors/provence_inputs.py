@@ -105,7 +105,8 @@ def encode_ids(tok: Any, texts: list[str]) -> list[list[int]]:
 
 def _plain_backend(tok: Any) -> Any:
     """The Rust tokenizer behind `tok` when it carries no truncation or padding setting (so its
-    output equals the wrapper's), else None."""
+    output equals the wrapper's), else None. (The wrapper's own call clears such settings, so only
+    a tokenizer's first call goes through it.)"""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
         return backend
@@ -184,3 +185,55 @@ def add_offsets(tok: Any, lock: Any, texts: list[str], fresh: dict[int, tuple[li
         if again != fresh[j][0]:
             raise RuntimeError("the tokenizer gave different ids in its second pass over a passage")
         fresh[j] = (again, offs)
+
+
+class WindowFold:
+    """How window outputs fold back into passages, planned from the windows alone (so it is built
+    while the GPU runs) and applied after the wait in a few whole-array steps: keep probabilities
+    averaged where windows overlap, ranking = best window, sentence score = mean keep probability
+    of the sentence's tokens (a sentence with no token gets its passage's mean). Same numbers as
+    folding each passage on its own (`mean_by_sentence`), in float64 sums, float32 results."""
+
+    def __init__(self, work: list[PassageWork], windows: list[Window], owner: list[int]) -> None:
+        self.owner = owner
+        n_tokens = np.array([len(w.ids) for w in work], np.int64)
+        n_sents = np.array([len(w.sentences) for w in work], np.int64)
+        self.token_starts = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int64)
+        self.sentence_starts = np.concatenate([[0], np.cumsum(n_sents)]).astype(np.int64)
+        parts = [np.arange(w.lo, w.hi) + self.token_starts[j] for w, j in zip(windows, owner, strict=True)]
+        self.token_index = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self.token_counts = np.maximum(np.bincount(self.token_index, minlength=int(self.token_starts[-1])), 1)
+        sentence = (np.concatenate([w.token_sentence for w in work]).astype(np.int64) if work
+                    else np.zeros(0, np.int64))
+        in_sentence = sentence >= 0
+        self.sentence_tokens = np.flatnonzero(in_sentence)
+        self.sentence_index = (sentence + np.repeat(self.sentence_starts[:-1], n_tokens))[in_sentence]
+        count = np.bincount(self.sentence_index, minlength=int(self.sentence_starts[-1]))
+        self.sentence_counts = np.maximum(count, 1)
+        self.tokenless = np.flatnonzero(count == 0)  # sentences scored by their passage's mean
+        self.spans: list[list[tuple[int, int]]] = [[] for _ in work]
+        for w, j in zip(windows, owner, strict=True):
+            self.spans[j].append((w.lo, w.hi))
+
+    def apply(self, ranks: list[float], probs: list[np.ndarray]) -> tuple[
+            list[float | None], list[np.ndarray], list[np.ndarray]]:
+        """(ranking, token keep probabilities, sentence scores) of each passage, from each window's
+        ranking and keep probabilities of its passage tokens."""
+        values = np.concatenate(probs).astype(np.float32) if probs else np.zeros(0, np.float32)
+        sums = np.bincount(self.token_index, weights=values, minlength=len(self.token_counts))
+        token_probs = (sums / self.token_counts).astype(np.float32)
+        totals = np.bincount(self.sentence_index, weights=token_probs[self.sentence_tokens],
+                             minlength=len(self.sentence_counts))
+        scores = totals / self.sentence_counts
+        if len(self.tokenless):
+            passage = np.searchsorted(self.sentence_starts, self.tokenless, side="right") - 1
+            for s, j in zip(self.tokenless, passage, strict=True):
+                own = token_probs[self.token_starts[j] : self.token_starts[j + 1]]
+                scores[s] = float(own.mean()) if len(own) else 0.0
+        scores = scores.astype(np.float32)
+        best: list[float | None] = [None] * (len(self.token_starts) - 1)
+        for j, r in zip(self.owner, ranks, strict=True):
+            best[j] = r if best[j] is None else max(best[j], r)  # type: ignore[type-var]
+        ts, ss = self.token_starts, self.sentence_starts
+        return (best, [token_probs[ts[j] : ts[j + 1]] for j in range(len(best))],
+                [scores[ss[j] : ss[j + 1]] for j in range(len(best))])
