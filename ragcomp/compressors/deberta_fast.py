@@ -21,6 +21,9 @@ the host-side work taken out of the per-layer loop:
 - `attention="sdpa-compiled"`: the same, with the bias add compiled by inductor (its two terms are
   strided views in transposed layouts; eager's elementwise kernel reads one of them column-wise),
   the key padding added in the same kernel (no extra p2c column, so no copy of the keys per layer);
+- `attention="layer-compiled"`: each whole layer compiled by inductor (`_layer_forward`, the same
+  math; one compilation shared by all layers, per shape): the bias in one kernel as above, and the
+  scaling, residual adds and LayerNorms fused (eager runs them as separate kernels);
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
@@ -43,7 +46,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "layer-compiled", "flex")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -147,6 +150,14 @@ class FastDebertaV2Encoder:
         # Eager SDPA takes the key padding through an extra p2c column; the compiled add and flex add it.
         if "p2c" in self.pos_types and self.attention == "sdpa":
             padding = _padding_columns(key_bias, width)
+        if self.attention == "layer-compiled":
+            from ragcomp.compressors.deberta_flex import compiled_layer
+
+            forward = compiled_layer(_layer_forward)
+            constants = (scale, self.heads, tuple(sorted(self.pos_types)), self.share_att_key)
+            for layer in encoder.layer:
+                h = forward(layer, h, rel_c2p, rel_p2c, key_bias, *constants)
+            return h
         for layer in encoder.layer:
             attention = layer.attention
             context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
@@ -179,6 +190,33 @@ class FastDebertaV2Encoder:
             bias = _bias(c2p, p2c, key_bias, padding is not None, self.attention == "sdpa-compiled")
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+
+
+def _layer_forward(layer: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any, scale: float, heads: int,
+                   pos_types: tuple[str, ...], share_att_key: bool) -> Any:
+    """One encoder layer as `FastDebertaV2Encoder` computes it (per-distance scores, skewed views,
+    one bias, SDPA, HF's output modules), written to compile whole (`attention="layer-compiled"`):
+    inductor writes the bias in one kernel and fuses the scaling, residual adds and LayerNorms that
+    eager runs as separate kernels."""
+    att = layer.attention.self
+    batch, length, hidden = h.shape
+    head_dim = hidden // heads
+    q_rows, k_rows = att.query_proj(h), att.key_proj(h)
+    terms = []
+    if "c2p" in pos_types:
+        key_proj = att.key_proj if share_att_key else att.pos_key_proj
+        c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, heads, None)
+        terms.append(_skew(c2p, query_stride_first=True, offset=0).transpose(0, 1))
+    if "p2c" in pos_types:
+        query_proj = att.query_proj if share_att_key else att.pos_query_proj
+        p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, heads, None)
+        terms.append(_skew(p2c, query_stride_first=False, offset=0).transpose(0, 1))
+    bias = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    split = [x.view(batch, length, heads, head_dim).transpose(1, 2)
+             for x in (q_rows, k_rows, att.value_proj(h))]
+    context = F.scaled_dot_product_attention(*split, attn_mask=bias + key_bias, scale=1.0 / scale)
+    a = layer.attention.output(context.transpose(1, 2).reshape(batch, length, hidden), h)
+    return layer.output(layer.intermediate(a), a)
 
 
 def _position_scores(x: Any, rows: Any, heads: int, padding: tuple[Any, Any] | None) -> Any:
@@ -230,7 +268,7 @@ def _padding_columns(key_bias: Any, width: int) -> tuple[Any, Any]:
     return key_columns, unit_columns
 
 
-def _skew(scores: Any, query_stride_first: bool) -> Any:
+def _skew(scores: Any, query_stride_first: bool, offset: int | None = None) -> Any:
     """[..., query, key] view of `scores` [..., length, row] (rows of width >= 2 * length - 1 and
     unit column stride; n = length - 1). c2p (`query_stride_first`, rows are queries): bias[i, j] =
     scores[i, n - i + j]. p2c (rows are keys): bias[i, j] = scores[j, n + i - j]. Both are fixed
@@ -240,8 +278,8 @@ def _skew(scores: Any, query_stride_first: bool) -> Any:
     if scores.stride(-1) != 1:
         raise ValueError("position scores need unit column stride")
     strides = (row - 1, 1) if query_stride_first else (1, row - 1)
-    return scores.as_strided((*lead, length, length), (*scores.stride()[:-2], *strides),
-                             scores.storage_offset() + length - 1)
+    base = scores.storage_offset() if offset is None else offset  # given under torch.compile
+    return scores.as_strided((*lead, length, length), (*scores.stride()[:-2], *strides), base + length - 1)
 
 
 def fast_encoder_for(model: Any, attention: str = "sdpa") -> FastDebertaV2Encoder | None:

@@ -26,15 +26,16 @@ torch = require("torch", "models")
 _RECOMPILE_LIMIT = 64  # one compiled kernel per (batch, width) bucket; dynamo's default stops at 8
 _compiled: Any = None
 _compiled_add: Any = None
+_compiled_layer: Any = None
 _lock = threading.Lock()
 
 
-def _compile_static(fn: Any) -> Any:
+def _compile_static(fn: Any, fullgraph: bool = False) -> Any:
     """`fn` compiled with static shapes (a kernel per shape), with room for one per bucket."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
 
 
 def compiled_flex_attention() -> Any:
@@ -64,6 +65,16 @@ def compiled_add() -> Any:
         if _compiled_add is None:
             _compiled_add = _compile_static(_add)
     return _compiled_add
+
+
+def compiled_layer(layer_forward: Any) -> Any:
+    """`deberta_fast._layer_forward` compiled once per process, whole (fullgraph): every layer of a
+    model shares the compiled code (parameters are its inputs), one compilation per shape."""
+    global _compiled_layer
+    with _lock:
+        if _compiled_layer is None:
+            _compiled_layer = _compile_static(layer_forward, fullgraph=True)
+    return _compiled_layer
 
 
 _MIN_CUDA_HEAD_SIZE = 16
