@@ -79,6 +79,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Provence forwards to time, of {','.join(PATHS)} (*graphs: CUDA only)")
     p.add_argument("--dtypes", default=None, help="e.g. bf16,fp32 (default: both on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--width-multiple", type=int, default=16, help="CUDA graph widths rounded to this")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="record N questions per path under torch.profiler and print where the time goes")
@@ -156,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     shapes = "tiny" if args.small else "large"
     print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "
-                f"passages of {args.words} words; random weights, {shapes} shapes; batch {args.batch_size})")
+                f"passages of {args.words} words; random weights, {shapes} shapes; batch {args.batch_size}; "
+                f"widths to multiples of {args.width_multiple})")
     cpu_rows = _cpu_side(items, tok)
     print_table(cpu_rows, "CPU-side work per question, alone (no model)")
     if args.json:
@@ -222,7 +224,8 @@ def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache
 
     fast = FAST_ENCODER[path]
     return ProvenceCompressor(model, encoder_tokenizer=tok, device=args.device, batch_size=args.batch_size,
-                              fast_encoder=fast, cuda_graphs=path.endswith("graphs"), passage_cache=cache)
+                              fast_encoder=fast, cuda_graphs=path.endswith("graphs"), passage_cache=cache,
+                              graph_width_multiple=args.width_multiple)
 
 
 def _profile(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],

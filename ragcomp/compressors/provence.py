@@ -78,7 +78,8 @@ class ProvenceCompressor(Compressor):
     `fast_encoder` runs a DeBERTa-v2/v3 backbone through `deberta_fast.FastDebertaV2Encoder` (same
     outputs, far less host work; other backbones keep their HF forward; "flex" selects its
     FlexAttention variant, compiled per shape, see `deberta_flex.py`); `cuda_graphs` replays the
-    forward from CUDA graphs on CUDA (shapes bucketed; see `graphed.py`; ignored elsewhere).
+    forward from CUDA graphs on CUDA (shapes bucketed, widths to a multiple of `graph_width_multiple`:
+    smaller pads less, captures more graphs; see `graphed.py`; ignored elsewhere).
     `passage_cache` keeps the tokens and sentences of that many recent passage texts (LRU; 0: none),
     so passages that come back in later questions skip that CPU work.
     """
@@ -105,6 +106,7 @@ class ProvenceCompressor(Compressor):
         fast_encoder: bool | str = True,
         cuda_graphs: bool = True,
         passage_cache: int = 1024,
+        graph_width_multiple: int = 16,
     ) -> None:
         super().__init__(tokenizer, separator)
         threshold = check_fraction("threshold", threshold)
@@ -117,6 +119,7 @@ class ProvenceCompressor(Compressor):
         check_int("stride", stride, 0)
         check_int("batch_size", batch_size, 1, allow_none=False)
         check_int("passage_cache", passage_cache, 0, allow_none=False)
+        check_int("graph_width_multiple", graph_width_multiple, 1, allow_none=False)
         self.model = model if isinstance(model, str) else type(model).__name__
         self.threshold = float(threshold)
         self.rerank = rerank
@@ -133,6 +136,7 @@ class ProvenceCompressor(Compressor):
         self._encoder_tokenizer = encoder_tokenizer
         self.fast_encoder = fast_encoder
         self.cuda_graphs = cuda_graphs
+        self.graph_width_multiple = graph_width_multiple
         self.passage_cache = PassageCache(passage_cache)
         self._lock = threading.Lock()
 
@@ -206,7 +210,8 @@ class ProvenceCompressor(Compressor):
             if training:  # .eval() walks every submodule (~10 ms for DeBERTa-large): only when needed
                 net.eval()
             try:
-                run = net.runner(self.fast_encoder, self.cuda_graphs, pad_id, self.batch_size)
+                run = net.runner(self.fast_encoder, self.cuda_graphs, pad_id, self.batch_size,
+                                 self.graph_width_multiple)
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     with profile_range("provence.batch_arrays"):

@@ -163,13 +163,13 @@ class ProvenceModel(nn.Module):
         return self.keep_probs(out.token_logits), out.ranking_logits.float()
 
     def runner(self, fast: bool | str = True, cuda_graphs: bool = True, pad_id: int = 0,
-               max_batch: int | None = None) -> GraphedForward:
+               max_batch: int | None = None, width_multiple: int = 16) -> GraphedForward:
         """`runner(ids, mask, types) -> predict(...)` on this model's device: replayed from CUDA graphs
         on CUDA when `cuda_graphs` (see graphed.py), eager otherwise. Cached on the model and rebuilt
         when its device, dtype or parameter storage changes (a captured graph reads fixed addresses)."""
         first = next(self.parameters())
         where = (str(first.device), str(first.dtype), first.data_ptr())
-        key = (fast, cuda_graphs, pad_id, max_batch)
+        key = (fast, cuda_graphs, pad_id, max_batch, width_multiple)
         cache = self.__dict__.setdefault("_ragcomp_runners", {"where": where, "runners": {}})
         if cache["where"] != where:  # moved or reloaded: graphs of the old storage must not replay
             cache.update(where=where, runners={})
@@ -179,8 +179,11 @@ class ProvenceModel(nn.Module):
 
             # Batches bucketed to even sizes: launch groups split a question's passages evenly
             # (20 passages at batch_size 16: 10 + 10, which a multiple of 4 would pad to 12 + 12).
+            # Widths bucketed to `width_multiple`: a smaller one pads less (each column costs every
+            # passage of the batch a token) but captures more graphs (compiled forwards: compiles).
             cache["runners"][key] = GraphedForward(predict, (pad_id, 0, 0), first.device, enabled=cuda_graphs,
-                                                   batch_multiple=2, max_batch=max_batch)
+                                                   width_multiple=width_multiple, batch_multiple=2,
+                                                   max_batch=max_batch)
         return cache["runners"][key]
 
     def keep_probs(self, token_logits: Any) -> Any:
