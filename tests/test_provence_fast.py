@@ -262,7 +262,8 @@ def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str, attent
 
 
 @CUDA
-@pytest.mark.parametrize("fast", [True, "sdpa-compiled", "layer-compiled", "flex"])  # compiled in the warm-up, then captured
+# Compiled ones compile in the warm-up, then are captured.
+@pytest.mark.parametrize("fast", [True, "sdpa-compiled", "layer-compiled", "flex"])
 def test_graph_replay_equals_eager_on_cuda(fast: bool | str) -> None:
     torch.manual_seed(0)
     net = ProvenceModel(_v3_config(num_attention_heads=2 if fast == "flex" else 4)).to("cuda").eval()
@@ -498,3 +499,21 @@ def test_window_fold_equals_folding_each_passage_alone() -> None:
     assert got[2][2].tolist() == [0.0]  # no tokens at all: sentences score 0
     assert fold.spans == [[(0, 12), (8, 20), (10, 20)], [(0, 5)], [], [(0, 4)], [(0, 3)]]
     assert [len(x) for x in WindowFold([], [], []).apply([], [])] == [0, 0, 0]
+
+
+def test_fused_qkv_follows_the_projections_and_is_built_once() -> None:
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(_v3_config()).eval()
+    fast = FastDebertaV2Encoder(model, attention="layer-compiled")
+    att = model.encoder.layer[0].attention.self
+    weight, bias = fast.fused_qkv(att)
+    assert fast.fused_qkv(att)[0] is weight  # cached while the parameters stay as they are
+    assert torch.equal(weight, torch.cat([att.query_proj.weight, att.key_proj.weight, att.value_proj.weight]))
+    assert torch.equal(bias, torch.cat([att.query_proj.bias, att.key_proj.bias, att.value_proj.bias]))
+    ids, mask = _padded_batch([20, 9], 20)
+    with torch.no_grad():
+        att.value_proj.weight.mul_(-2.0)  # an in-place change: the fused copy must follow it
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        ours = fast(ids, mask)
+    assert not torch.equal(fast.fused_qkv(att)[0], weight)
+    assert float(((ref - ours).abs() * mask[..., None]).max()) <= 1e-5

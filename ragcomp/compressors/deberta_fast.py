@@ -93,6 +93,7 @@ class FastDebertaV2Encoder:
         self.span = attention.pos_ebd_size  # HF's att_span: the embedding rows used are [0, 2 * span)
         self.scale_factor = 1 + len(self.pos_types)
         self._positions: dict[tuple[int, str], tuple[Any, Any, int, int]] = {}
+        self._fused_qkv: dict[int, tuple[tuple[int, ...], Any, Any]] = {}
 
     def scale(self, dtype: Any) -> float:
         # HF divides by sqrt(head_dim * factor) cast to the model dtype (bf16 rounds 13.86 to 13.88).
@@ -156,7 +157,8 @@ class FastDebertaV2Encoder:
             forward = compiled_layer(_layer_forward)
             constants = (scale, self.heads, tuple(sorted(self.pos_types)), self.share_att_key)
             for layer in encoder.layer:
-                h = forward(layer, h, rel_c2p, rel_p2c, key_bias, *constants)
+                h = forward(layer, *self.fused_qkv(layer.attention.self), h, rel_c2p, rel_p2c, key_bias,
+                            *constants)
             return h
         for layer in encoder.layer:
             attention = layer.attention
@@ -164,6 +166,24 @@ class FastDebertaV2Encoder:
             a = attention.output(context, h)  # dense + residual LayerNorm (HF modules, no copy)
             h = layer.output(layer.intermediate(a), a)
         return h
+
+    def fused_qkv(self, att: Any) -> tuple[Any, Any]:
+        """(weight [3 * hidden, hidden], bias) of the query, key and value projections stacked, so
+        that one GEMM computes all three (about 20% less time than three at these sizes). Built once
+        per layer and rebuilt when a projection's parameters change (storage or in-place version);
+        a detached copy (inference only), costing a third of the attention weights' memory."""
+        projections = (att.query_proj, att.key_proj, att.value_proj)
+        params = [t for m in projections for t in (m.weight, m.bias) if t is not None]
+        key = tuple(x for t in params for x in (t.data_ptr(), t._version))
+        cached = self._fused_qkv.get(id(att))
+        if cached is None or cached[0] != key:
+            # Normal tensors even when called under inference_mode (the cache outlives the call).
+            with torch.inference_mode(False), torch.no_grad():
+                weight = torch.cat([m.weight for m in projections])
+                biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in projections]
+                cached = self._fused_qkv[id(att)] = (key, weight, torch.cat(biases))
+        return cached[1], cached[2]
 
     def _split_heads(self, x: Any) -> Any:
         return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(-3, -2)
@@ -192,16 +212,17 @@ class FastDebertaV2Encoder:
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
 
-def _layer_forward(layer: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any, scale: float, heads: int,
-                   pos_types: tuple[str, ...], share_att_key: bool) -> Any:
+def _layer_forward(layer: Any, qkv_weight: Any, qkv_bias: Any, h: Any, rel_c2p: Any, rel_p2c: Any,
+                   key_bias: Any, scale: float, heads: int, pos_types: tuple[str, ...],
+                   share_att_key: bool) -> Any:
     """One encoder layer as `FastDebertaV2Encoder` computes it (per-distance scores, skewed views,
     one bias, SDPA, HF's output modules), written to compile whole (`attention="layer-compiled"`):
-    inductor writes the bias in one kernel and fuses the scaling, residual adds and LayerNorms that
-    eager runs as separate kernels."""
+    query, key and value in one GEMM (`fused_qkv`); inductor writes the bias in one kernel and fuses
+    the scaling, residual adds and LayerNorms that eager runs as separate kernels."""
     att = layer.attention.self
     batch, length, hidden = h.shape
     head_dim = hidden // heads
-    q_rows, k_rows = att.query_proj(h), att.key_proj(h)
+    q_rows, k_rows, v_rows = F.linear(h, qkv_weight, qkv_bias).split(hidden, dim=-1)
     terms = []
     if "c2p" in pos_types:
         key_proj = att.key_proj if share_att_key else att.pos_key_proj
@@ -213,7 +234,7 @@ def _layer_forward(layer: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any
         terms.append(_skew(p2c, query_stride_first=False, offset=0).transpose(0, 1))
     bias = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     split = [x.view(batch, length, heads, head_dim).transpose(1, 2)
-             for x in (q_rows, k_rows, att.value_proj(h))]
+             for x in (q_rows, k_rows, v_rows)]
     context = F.scaled_dot_product_attention(*split, attn_mask=bias + key_bias, scale=1.0 / scale)
     a = layer.attention.output(context.transpose(1, 2).reshape(batch, length, hidden), h)
     return layer.output(layer.intermediate(a), a)
