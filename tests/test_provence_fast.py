@@ -76,8 +76,8 @@ def _padded_batch(lengths: list[int], width: int, vocab: int = 200) -> tuple[tor
     {"share_att_key": False, "pos_att_type": ["c2p"], "norm_rel_ebd": "none", "position_buckets": -1},
     {"pos_att_type": ["p2c"], "position_biased_input": True, "type_vocab_size": 2},
 ])
-# sdpa-compiled, layer-compiled, flex: compiled by inductor (its C++ backend on CPU)
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa-compiled", "layer-compiled", "flex"])
+# sdpa-compiled, flex: compiled by inductor (its C++ backend on CPU)
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa-compiled", "flex"])
 def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict, attention: str) -> None:
     torch.manual_seed(0)
     model = transformers.DebertaV2Model(_v3_config(**overrides)).eval()
@@ -235,7 +235,7 @@ def test_failed_capture_warns_and_runs_eagerly() -> None:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa-compiled", "layer-compiled", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa-compiled", "flex"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str, attention: str) -> None:
     # 256 buckets as published, lengths past the 128-wide linear zone, padded rows; on CUDA the
@@ -263,7 +263,7 @@ def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str, attent
 
 @CUDA
 # Compiled ones compile in the warm-up, then are captured.
-@pytest.mark.parametrize("fast", [True, "sdpa-compiled", "layer-compiled", "flex"])
+@pytest.mark.parametrize("fast", [True, "sdpa-compiled", "flex"])
 def test_graph_replay_equals_eager_on_cuda(fast: bool | str) -> None:
     torch.manual_seed(0)
     net = ProvenceModel(_v3_config(num_attention_heads=2 if fast == "flex" else 4)).to("cuda").eval()
@@ -504,7 +504,7 @@ def test_window_fold_equals_folding_each_passage_alone() -> None:
 def test_fused_qkv_follows_the_projections_and_is_built_once() -> None:
     torch.manual_seed(0)
     model = transformers.DebertaV2Model(_v3_config()).eval()
-    fast = FastDebertaV2Encoder(model, attention="layer-compiled")
+    fast = FastDebertaV2Encoder(model, attention="sdpa-compiled")
     att = model.encoder.layer[0].attention.self
     weight, bias = fast.fused_qkv(att)
     assert fast.fused_qkv(att)[0] is weight  # cached while the parameters stay as they are

@@ -4,8 +4,8 @@ on the same questions and passages, in one run. Random weights: timing only (dec
 
 Provence rows, per dtype: `hf` (transformers' DeBERTa forward, eager), `fast` (deberta_fast's
 forward on the same parameters, eager), `graphs` (the fast forward replayed from CUDA graphs;
-CUDA only), `cbias-graphs` (graphs with the bias add compiled by inductor), `clayer-graphs`
-(graphs with each whole layer compiled), `flex` and
+CUDA only), `cbias-graphs` (graphs, `fast_encoder="sdpa-compiled"`: each whole layer compiled by
+inductor, bias add included), `flex` and
 `flex-graphs` (the same two with FlexAttention adding the relative terms
 inside the kernel, see deberta_flex.py; compiled per shape during the warm-up pass). Every row
 first runs all questions once untimed (kernels, compilation, CUDA graph captures), then
@@ -52,8 +52,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # Each path's `fast_encoder` value (HF's forward, the fast one with SDPA, its compiled bias add, or
 # FlexAttention); a name ending in "graphs" also replays CUDA graphs.
 FAST_ENCODER: dict[str, bool | str] = {"hf": False, "fast": True, "graphs": True,
-                                       "cbias-graphs": "sdpa-compiled", "clayer-graphs": "layer-compiled",
-                                       "flex": "flex", "flex-graphs": "flex"}
+                                       "cbias-graphs": "sdpa-compiled", "flex": "flex", "flex-graphs": "flex"}
 PATHS = tuple(FAST_ENCODER)
 
 

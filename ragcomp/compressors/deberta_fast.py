@@ -18,12 +18,11 @@ the host-side work taken out of the per-layer loop:
   float bias per layer: (c2p + p2c) / scale plus the key padding mask, scale = sqrt(head_dim *
   (1 + len(pos_att_type))) rounded to the model dtype as HF rounds it; the padding mask enters
   through one extra column of the p2c product, so the bias is written in one pass;
-- `attention="sdpa-compiled"`: the same, with the bias add compiled by inductor (its two terms are
-  strided views in transposed layouts; eager's elementwise kernel reads one of them column-wise),
-  the key padding added in the same kernel (no extra p2c column, so no copy of the keys per layer);
-- `attention="layer-compiled"`: each whole layer compiled by inductor (`_layer_forward`, the same
-  math; one compilation shared by all layers, per shape): the bias in one kernel as above, and the
-  scaling, residual adds and LayerNorms fused (eager runs them as separate kernels);
+- `attention="sdpa-compiled"`: the same math with each whole layer compiled by inductor
+  (`_layer_forward`; one compilation shared by all layers, per shape): query, key and value in one
+  GEMM (`fused_qkv`), the bias written by one tiled kernel (its two terms are strided views in
+  transposed layouts, which eager's elementwise kernel reads column-wise) with the key padding in
+  it, and the scaling, residual adds and LayerNorms fused (eager runs them as separate kernels);
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
@@ -46,7 +45,7 @@ _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models
 F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
-ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "layer-compiled", "flex")
+ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -148,10 +147,10 @@ class FastDebertaV2Encoder:
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         scale = self.scale(h.dtype)
         padding = None
-        # Eager SDPA takes the key padding through an extra p2c column; the compiled add and flex add it.
+        # Eager SDPA takes the key padding through an extra p2c column; the compiled layer and flex add it.
         if "p2c" in self.pos_types and self.attention == "sdpa":
             padding = _padding_columns(key_bias, width)
-        if self.attention == "layer-compiled":
+        if self.attention == "sdpa-compiled":
             from ragcomp.compressors.deberta_flex import compiled_layer
 
             forward = compiled_layer(_layer_forward)
@@ -207,7 +206,7 @@ class FastDebertaV2Encoder:
 
             context = relative_flex_attention(q, k, v, c2p, p2c, key_bias[:, 0, 0], scale)
         else:
-            bias = _bias(c2p, p2c, key_bias, padding is not None, self.attention == "sdpa-compiled")
+            bias = _bias(c2p, p2c, key_bias, padding is not None)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
@@ -216,7 +215,7 @@ def _layer_forward(layer: Any, qkv_weight: Any, qkv_bias: Any, h: Any, rel_c2p: 
                    key_bias: Any, scale: float, heads: int, pos_types: tuple[str, ...],
                    share_att_key: bool) -> Any:
     """One encoder layer as `FastDebertaV2Encoder` computes it (per-distance scores, skewed views,
-    one bias, SDPA, HF's output modules), written to compile whole (`attention="layer-compiled"`):
+    one bias, SDPA, HF's output modules), written to compile whole (`attention="sdpa-compiled"`):
     query, key and value in one GEMM (`fused_qkv`); inductor writes the bias in one kernel and fuses
     the scaling, residual adds and LayerNorms that eager runs as separate kernels."""
     att = layer.attention.self
@@ -256,19 +255,14 @@ def _position_scores(x: Any, rows: Any, heads: int, padding: tuple[Any, Any] | N
     return torch.bmm(xs, pos.transpose(1, 2)).view(heads, batch, length, width)
 
 
-def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool, compiled: bool = False) -> Any:
+def _bias(c2p: Any, p2c: Any, key_bias: Any, padded_p2c: bool) -> Any:
     """SDPA's additive bias [batch, heads, query, key] from the per-distance scores: each term is a
-    strided view (no gather, no index tensor); one add writes the row-major bias (`compiled`: the
-    add through inductor, which tiles the transposed read)."""
+    strided view (no gather, no index tensor); one add writes the row-major bias."""
     views = []
     if c2p is not None:
         views.append(_skew(c2p, query_stride_first=True).transpose(0, 1))
     if p2c is not None:
         views.append(_skew(p2c, query_stride_first=False).transpose(0, 1))
-    if compiled:  # one tiled kernel: both terms and the key padding, into a row-major bias
-        from ragcomp.compressors.deberta_flex import compiled_add
-
-        return compiled_add()(*views, key_bias)
     if len(views) == 2:  # into a row-major bias (the views' own layouts differ)
         return torch.add(*views, out=views[0].new_empty(views[0].shape))
     return views[0].contiguous() if padded_p2c else views[0] + key_bias

@@ -9,7 +9,7 @@ For query i and key j (n = length - 1), with the per-distance scores of `deberta
 
 the same columns that `deberta_fast._skew`'s strided views read. FlexAttention runs compiled
 (torch.compile; Triton on CUDA, inductor's C++ backend on CPU), once per shape (dynamic=False):
-callers bucket their shapes (the CUDA-graph runner rounds width to 32 and batch to 4) and, for CUDA
+callers bucket their shapes (the CUDA-graph runner rounds width to 16 and batch to 2) and, for CUDA
 graphs, run it once before capture (GraphedForward's warm-up does). The first call per shape
 compiles (seconds to a minute).
 """
@@ -25,7 +25,6 @@ torch = require("torch", "models")
 
 _RECOMPILE_LIMIT = 64  # one compiled kernel per (batch, width) bucket; dynamo's default stops at 8
 _compiled: Any = None
-_compiled_add: Any = None
 _compiled_layer: Any = None
 _lock = threading.Lock()
 
@@ -47,24 +46,6 @@ def compiled_flex_attention() -> Any:
 
             _compiled = _compile_static(flex_attention)
     return _compiled
-
-
-def _add(*terms: Any) -> Any:
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
-
-
-def compiled_add() -> Any:
-    """The sum of its (broadcastable) arguments, compiled once per process: for the SDPA bias,
-    whose two position terms are strided views in transposed layouts (plus the key padding),
-    inductor writes one tiled kernel instead of eager's strided elementwise ones."""
-    global _compiled_add
-    with _lock:
-        if _compiled_add is None:
-            _compiled_add = _compile_static(_add)
-    return _compiled_add
 
 
 def compiled_layer(layer_forward: Any) -> Any:
