@@ -91,7 +91,7 @@ class FastDebertaV2Encoder:
         self.max_relative_positions = attention.max_relative_positions
         self.span = attention.pos_ebd_size  # HF's att_span: the embedding rows used are [0, 2 * span)
         self.scale_factor = 1 + len(self.pos_types)
-        self._positions: dict[tuple[int, str], tuple[Any, Any, int, int]] = {}
+        self._positions: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._fused_qkv: dict[int, tuple[tuple[int, ...], Any, Any]] = {}
 
     def scale(self, dtype: Any) -> float:
@@ -184,23 +184,13 @@ class FastDebertaV2Encoder:
                 cached = self._fused_qkv[id(att)] = (key, weight, torch.cat(biases))
         return cached[1], cached[2]
 
-    def _split_heads(self, x: Any) -> Any:
-        return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(-3, -2)
-
     def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
                    padding: tuple[Any, Any] | None, scale: float) -> Any:
         batch, length, _ = h.shape
         q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
-        # 1/scale goes on the position rows ([width, hidden]), not on the scores.
-        c2p = p2c = None
-        if "c2p" in self.pos_types:
-            key_proj = att.key_proj if self.share_att_key else att.pos_key_proj
-            c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, self.heads, None)
-        if "p2c" in self.pos_types:
-            query_proj = att.query_proj if self.share_att_key else att.pos_query_proj
-            p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, self.heads, padding)
-        q, k = self._split_heads(q_rows), self._split_heads(k_rows)  # [batch, heads, length, head_dim]
-        v = self._split_heads(att.value_proj(h))
+        c2p, p2c = _relative_scores(att, q_rows, k_rows, rel_c2p, rel_p2c, scale, self.heads,
+                                    self.pos_types, self.share_att_key, padding)
+        q, k, v = (_split_heads(x, self.heads) for x in (q_rows, k_rows, att.value_proj(h)))
         if self.attention == "flex":
             from ragcomp.compressors.deberta_flex import relative_flex_attention
 
@@ -220,23 +210,35 @@ def _layer_forward(layer: Any, qkv_weight: Any, qkv_bias: Any, h: Any, rel_c2p: 
     the scaling, residual adds and LayerNorms that eager runs as separate kernels."""
     att = layer.attention.self
     batch, length, hidden = h.shape
-    head_dim = hidden // heads
     q_rows, k_rows, v_rows = F.linear(h, qkv_weight, qkv_bias).split(hidden, dim=-1)
-    terms = []
-    if "c2p" in pos_types:
-        key_proj = att.key_proj if share_att_key else att.pos_key_proj
-        c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, heads, None)
-        terms.append(_skew(c2p, query_stride_first=True, offset=0).transpose(0, 1))
-    if "p2c" in pos_types:
-        query_proj = att.query_proj if share_att_key else att.pos_query_proj
-        p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, heads, None)
-        terms.append(_skew(p2c, query_stride_first=False, offset=0).transpose(0, 1))
+    c2p, p2c = _relative_scores(att, q_rows, k_rows, rel_c2p, rel_p2c, scale, heads, pos_types,
+                                share_att_key, None)
+    terms = [_skew(x, query_stride_first=first, offset=0).transpose(0, 1)
+             for x, first in ((c2p, True), (p2c, False)) if x is not None]
     bias = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    split = [x.view(batch, length, heads, head_dim).transpose(1, 2)
-             for x in (q_rows, k_rows, v_rows)]
+    split = [_split_heads(x, heads) for x in (q_rows, k_rows, v_rows)]
     context = F.scaled_dot_product_attention(*split, attn_mask=bias + key_bias, scale=1.0 / scale)
     a = layer.attention.output(context.transpose(1, 2).reshape(batch, length, hidden), h)
     return layer.output(layer.intermediate(a), a)
+
+
+def _split_heads(x: Any, heads: int) -> Any:
+    """[batch, length, heads * head_dim] -> [batch, heads, length, head_dim] (a view)."""
+    return x.view(*x.shape[:-1], heads, x.shape[-1] // heads).transpose(-3, -2)
+
+
+def _relative_scores(att: Any, q_rows: Any, k_rows: Any, rel_c2p: Any, rel_p2c: Any, scale: float, heads: int,
+                     pos_types: Any, share_att_key: bool, padding: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """(c2p, p2c) per-distance scores of one layer (None for a term the config leaves out); 1/scale
+    goes on the position rows ([width, hidden]), not on the scores; `padding` rides on p2c."""
+    c2p = p2c = None
+    if "c2p" in pos_types:
+        key_proj = att.key_proj if share_att_key else att.pos_key_proj
+        c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, heads, None)
+    if "p2c" in pos_types:
+        query_proj = att.query_proj if share_att_key else att.pos_query_proj
+        p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, heads, padding)
+    return c2p, p2c
 
 
 def _position_scores(x: Any, rows: Any, heads: int, padding: tuple[Any, Any] | None) -> Any:
