@@ -1,6 +1,7 @@
 """Micro-benchmarks behind the Provence GPU figures (CUDA + Triton needed): SDPA backends with a
-materialised [B, H, L, L] bias, and the GEMMs of one DeBERTa-v3-large layer by row count (what
-packing the padding away would leave) and with query/key/value fused. Prints one line per shape.
+materialised [B, H, L, L] bias, the GEMMs of one DeBERTa-v3-large layer by row count (what
+packing the padding away would leave) and with query/key/value fused, and the FFN's GELU in the
+GEMM's epilogue. Prints one line per shape.
 
     python scripts/micro_deberta_gpu.py
 """
@@ -56,12 +57,25 @@ def linears(rows: int) -> str:
             f"({24 * layer / 1e3:.2f} ms for 24 layers, {tflops:.0f} TFLOP/s)")
 
 
+def gelu_epilogue(rows: int) -> str:
+    """The FFN's first half: linear then exact GELU (two kernels) against cuBLASLt's bias + GELU
+    epilogue (`_addmm_activation`, tanh GELU, one kernel)."""
+    x = torch.randn(rows, 1024, device="cuda", dtype=DTYPE)
+    w, b = torch.randn(4096, 1024, device="cuda", dtype=DTYPE), torch.randn(4096, device="cuda", dtype=DTYPE)
+    two = microseconds(lambda: F.gelu(F.linear(x, w, b)))
+    one = microseconds(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+    diff = (F.gelu(F.linear(x, w, b)) - torch._addmm_activation(b, x, w.t(), use_gelu=True)).abs().max()
+    return f"rows {rows}: linear + gelu {two:.1f} us, GELU epilogue {one:.1f} us (max diff {diff:.3g})"
+
+
 def main() -> None:
     torch.manual_seed(0)
     for batch, length in ((20, 224), (20, 256), (10, 256)):
         print(f"SDPA us, batch {batch} x {length} tokens, 16 heads of 64:", attention(batch, length))
     for rows in (2048, 2560, 3584, 4096, 4224, 4480, 4608, 5120):
         print(linears(rows))
+    for rows in (4224, 5120):
+        print(gelu_epilogue(rows))
 
 
 if __name__ == "__main__":

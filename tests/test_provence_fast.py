@@ -517,3 +517,60 @@ def test_fused_qkv_follows_the_projections_and_is_built_once() -> None:
         ours = fast(ids, mask)
     assert not torch.equal(fast.fused_qkv(att)[0], weight)
     assert float(((ref - ours).abs() * mask[..., None]).max()) <= 1e-5
+    # The projected position rows follow the key projection and the relative embeddings the same way.
+    projected = fast.position_projections(fast.scale(torch.float32))[0]
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.key_proj.bias.add_(0.5)
+        model.encoder.rel_embeddings.weight.mul_(1.5)
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        ours = fast(ids, mask)
+    assert fast.position_projections(fast.scale(torch.float32))[0] is not projected
+    assert float(((ref - ours).abs() * mask[..., None]).max()) <= 1e-5
+
+
+def test_gelu_epilogue_layer_equals_the_plain_layer_and_is_gated_to_exact_gelu() -> None:
+    # On CPU `linear_gelu` is exact GELU after the GEMM, so the epilogue layer must equal the plain
+    # one: it reads the FFN's own dense weight and bias and feeds HF's output module.
+    from ragcomp.compressors.deberta_fast import _layer_forward, linear_gelu
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(_v3_config()).eval()
+    fast = FastDebertaV2Encoder(model, attention="sdpa-compiled")
+    x, w, b = torch.randn(3, 5, 8), torch.randn(16, 8), torch.randn(16)
+    torch.testing.assert_close(linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+    h = torch.randn(2, 12, 32)
+    key_bias = torch.zeros(2, 1, 1, 12)
+    key_bias[1, ..., 9:] = torch.finfo(h.dtype).min
+    c2p_rows, p2c_rows = (F.pad(r, (0, 24 - r.shape[0])) for r in fast.positions(12, "cpu"))
+    proj_k, proj_q = fast.position_projections(fast.scale(h.dtype))
+    layer = model.encoder.layer[1]
+    qkv = fast.fused_qkv(layer.attention.self)
+    scale = fast.scale(h.dtype)
+    args = (layer, *qkv, h, proj_k[1, c2p_rows], proj_q[1, p2c_rows], key_bias, scale, fast.heads)
+    with torch.no_grad():
+        with_epilogue, plain = _layer_forward(*args, True), _layer_forward(*args, False)
+    torch.testing.assert_close(with_epilogue, plain, rtol=0, atol=1e-6)
+    assert fast._gelu_model
+    relu = FastDebertaV2Encoder(transformers.DebertaV2Model(_v3_config(hidden_act="relu")), "sdpa-compiled")
+    assert not relu._gelu_model  # only exact GELU is swapped for the epilogue's
+
+
+@CUDA
+def test_bf16_compiled_layers_with_the_gelu_epilogue_stay_as_close_to_fp32_as_eager_bf16() -> None:
+    torch.manual_seed(0)
+    config = _v3_config(hidden_size=128, num_attention_heads=2, intermediate_size=512, position_buckets=256,
+                        max_position_embeddings=512)
+    model = transformers.DebertaV2Model(config)
+    model = model.to("cuda").eval()
+    ids, mask = (t.cuda() for t in _padded_batch([200, 141, 7], 208))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        model.to(torch.bfloat16)
+        eager = FastDebertaV2Encoder(model, attention="sdpa")(ids, mask).float()
+        compiled = FastDebertaV2Encoder(model, attention="sdpa-compiled")
+        assert compiled._gelu_model
+        ours = compiled(ids, mask).float()
+    rows = mask.bool()
+    eager_gap = float((eager - ref)[rows].abs().max())
+    assert float((ours - ref)[rows].abs().max()) <= 1.5 * eager_gap + 1e-2

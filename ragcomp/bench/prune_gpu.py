@@ -8,14 +8,17 @@ CUDA only), `cbias-graphs` (graphs, `fast_encoder="sdpa-compiled"`: each whole l
 inductor, bias add included), `flex` and
 `flex-graphs` (the same two with FlexAttention adding the relative terms
 inside the kernel, see deberta_flex.py; compiled per shape during the warm-up pass). Every row
-first runs all questions once untimed (kernels, compilation, CUDA graph captures), then
-times each question end to end (`compress`). `max_dprob_vs_hf` is the largest keep-probability
-difference to the `hf` row of the same dtype on the first question. A second table times the
-CPU-side steps alone (tokenising, windows, sentences, batch arrays).
+first runs as many other questions untimed (kernels, compilation, CUDA graph captures), then
+times each question end to end (`compress`); `graphs_in_timed` counts the shapes first met in the
+timed pass (each captured, or compiled, inside a timed question). `max_dprob_vs_hf` is the largest
+keep-probability difference to the `hf` row of the same dtype on the first question. A second
+table times the CPU-side steps alone (tokenising, windows, sentences, batch arrays).
 
-Every row is cold: the compressor's passage cache is off, and each question has its own passages.
-One extra row (`... warm cache`, the last path) keeps the cache on: its timed pass sees passages
-that the warm-up pass already tokenised and split, as a corpus whose passages come back would.
+Passages are cut one after another from the joined corpus, `--words` words each: no passage comes
+back, in the timed questions or between them and the warm-up ones. Every row is cold: the
+compressor's passage cache is off. One extra row (`... warm cache`, the last path) keeps the cache
+on and warms up on the timed questions themselves: its timed pass sees passages already tokenised
+and split, as a corpus whose passages come back would.
 
 `--profile N` then records N questions of each path under torch.profiler and prints, per question,
 the CPU and GPU (CUDA) time of the compressor's named ranges (provence.tokenize, .windows,
@@ -87,21 +90,29 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with tiktoken's cl100k_base file (LLMLingua-2 row; no download)")
 
 
-def _inputs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """Each question with `passages` wiki summaries cut to `words` words (long ones first)."""
+def _inputs(args: argparse.Namespace, warm_up: bool = False) -> list[tuple[str, list[str]]]:
+    """Each question with `passages` passages of `words` words, cut one after another from the wiki
+    corpus (joined), so no passage comes back in another question. `warm_up`: the next
+    `questions` questions, with passages after those of the timed ones (nothing shared with them)."""
     qs = [json.loads(x)["question"] for x in Path(args.qa).read_text().splitlines() if x.strip()]
     wiki = json.loads(Path(args.wiki).read_text())
-    texts = [v["extract"] if isinstance(v, dict) else str(v) for v in wiki.values()]
-    texts = [" ".join(t.split()[: args.words]) for t in texts if len(t.split()) >= args.words]
+    words = " ".join(v["extract"] if isinstance(v, dict) else str(v) for v in wiki.values()).split()
+    n_passages = len(words) // args.words
+    first = args.questions if warm_up else 0
+    if (first + args.questions) * args.passages > n_passages or first + args.questions > len(qs):
+        raise SystemExit(f"--questions {args.questions} x --passages {args.passages} (and as many to "
+                         f"warm up) need more than the {n_passages} passages of {args.words} words or "
+                         f"the {len(qs)} questions there are")
     out = []
-    for i, q in enumerate(qs[: args.questions]):
-        start = (i * args.passages) % max(1, len(texts) - args.passages)
-        out.append((q, texts[start : start + args.passages]))
+    for i in range(first, first + args.questions):
+        start = i * args.passages * args.words
+        out.append((qs[i], [" ".join(words[start + k * args.words : start + (k + 1) * args.words])
+                            for k in range(args.passages)]))
     return out
 
 
-def _time(fn: Any, items: list[Any], sync: Any) -> list[float]:
-    for it in items:  # warm-up: kernels, allocator, tokenizer caches, one CUDA graph per shape
+def _time(fn: Any, items: list[Any], sync: Any, warm: list[Any]) -> list[float]:
+    for it in warm:  # warm-up: kernels, allocator, one CUDA graph per shape, tokenizer caches
         fn(it)
     times = []
     for it in items:
@@ -124,10 +135,10 @@ def run(args: argparse.Namespace) -> int:
     dev = args.device
     on_gpu = dev.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    items = _inputs(args)
+    items, warm = _inputs(args), _inputs(args, warm_up=True)
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))  # any tokenizer: random weights
     if args.cpu_side_only:
-        print_table(_cpu_side(items, tok), "CPU-side work per question, alone (no model)")
+        print_table(_cpu_side(items, warm, tok), "CPU-side work per question, alone (no model)")
         return 0
     size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
             if args.small else dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -145,13 +156,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
     rows = []
     for dtype in dtypes:
-        rows += _provence_rows(args, deberta, dtype, paths, items, tok, sync)
+        rows += _provence_rows(args, deberta, dtype, paths, items, warm, tok, sync)
     if args.profile:
         from ragcomp.bench.prune_gpu_profile import profile_paths
 
-        profile_paths(args, deberta, dtypes[0], paths, items, tok, sync)
+        profile_paths(args, deberta, dtypes[0], paths, items, warm, tok, sync)
     if not args.skip_llmlingua:
-        rows += _llmlingua(args, items, size, tok, dev, sync)
+        rows += _llmlingua(args, items, warm, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
     for r in rows:
         r["x_faster_than_llmlingua2"] = round(base / r["p50_ms"], 2) if base and r.get("p50_ms") else None
@@ -160,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows, f"Pruner latency per question ({name}; {args.questions} questions x {args.passages} "
                 f"passages of {args.words} words; random weights, {shapes} shapes; batch {args.batch_size}; "
                 f"widths to multiples of {args.width_multiple})")
-    cpu_rows = _cpu_side(items, tok)
+    cpu_rows = _cpu_side(items, warm, tok)
     print_table(cpu_rows, "CPU-side work per question, alone (no model)")
     if args.json:
         Path(args.json).write_text(json.dumps({"latency": rows, "cpu_side": cpu_rows}, indent=2))
@@ -168,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
-                   tok: Any, sync: Any) -> list[dict[str, Any]]:
+                   warm: list[Any], tok: Any, sync: Any) -> list[dict[str, Any]]:
     import torch
 
     from ragcomp.compressors.provence_model import ProvenceModel
@@ -182,7 +193,9 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
     for path, cache in [(p, 0) for p in paths] + [(paths[-1], 1024)]:
         name = f"ragcomp provence {path} ({label}){' warm cache' if cache else ''}"
         try:
-            row, probs = _provence_row(model, tok, args, path, cache, items, sync, name)
+            # The warm-cache row warms up on the timed questions themselves: passages seen before.
+            row, probs = _provence_row(model, tok, args, path, cache, items, items if cache else warm,
+                                       sync, name)
         except Exception as e:  # one failing path (e.g. flex without Triton) must not lose the others
             print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             failed = _row(f"{name} FAILED: {type(e).__name__}: {str(e)[:120]}", [0.0], args)
@@ -198,7 +211,7 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
 
 
 def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int, items: list[Any],
-                  sync: Any, name: str) -> tuple[dict[str, Any], Any]:
+                  warm: list[Any], sync: Any, name: str) -> tuple[dict[str, Any], Any]:
     """One path's timed row, and its keep probabilities on the first question."""
     import torch
 
@@ -206,16 +219,24 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
     comp = _compressor(model, tok, args, path, cache)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    def n_graphs() -> int | None:  # this path's runner only (its key starts with (fast_encoder, True))
+        runners = model.__dict__.get("_ragcomp_runners", {}).get("runners", {})  # made on first use
+        return sum(len(r.graphs) for key, r in runners.items()
+                   if key[:2] == (comp.fast_encoder, True)) if comp.cuda_graphs else None
+
     t0 = time.perf_counter()
-    times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
+    for it in warm:
+        comp.compress(*it)
+    warmup_s = time.perf_counter() - t0
+    before = n_graphs()
+    times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync, [])
     row = _row(name, times, args)
-    row["warmup_s"] = round(time.perf_counter() - t0 - sum(times), 2)
+    row["warmup_s"] = round(warmup_s, 2)
     probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
-    runners = model.__dict__.get("_ragcomp_runners", {}).get("runners", {})
     row["max_dprob_vs_hf"] = None  # filled by the caller (column order)
-    # This path's runner only (its key starts with (fast_encoder, cuda_graphs)).
-    row["graphs"] = sum(len(r.graphs) for key, r in runners.items()
-                        if key[:2] == (comp.fast_encoder, True)) if comp.cuda_graphs else None
+    row["graphs"] = n_graphs()
+    # Shapes first seen in the timed pass: each a capture (and a compile) inside a timed question.
+    row["graphs_in_timed"] = None if before is None else n_graphs() - before
     row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else None
     return row, probs
 
@@ -229,9 +250,9 @@ def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache
                               graph_width_multiple=args.width_multiple)
 
 
-def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
+def _cpu_side(items: list[Any], warm: list[Any], tok: Any) -> list[dict[str, Any]]:
     """The compressor's CPU-side steps per question on CUDA, each timed alone (median over the
-    questions): the first three run before the launch, the last while the GPU computes."""
+    questions): the first three run before the launch, the fourth while the GPU computes."""
     from ragcomp.compressors.provence import ProvenceCompressor
     from ragcomp.compressors.provence_inputs import (
         Window,
@@ -244,6 +265,8 @@ def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
     from ragcomp.text import split_sentences
 
     comp = ProvenceCompressor("unused", encoder_tokenizer=tok)
+    for q, passages in warm:  # as the compressor's warm-up: the tokenizer's own caches
+        encode_ids(tok, [q, *passages])
     lock = threading.Lock()
     names = ("token ids (before launch)", "windows (before launch)", "batch arrays (before launch)",
              "offsets + sentences (overlapped)", "for comparison: ids + offsets in one pass")
@@ -272,8 +295,8 @@ def _cpu_side(items: list[Any], tok: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _llmlingua(args: argparse.Namespace, items: list[Any], size: dict[str, int], tok: Any, dev: str,
-               sync: Any) -> list[dict[str, Any]]:
+def _llmlingua(args: argparse.Namespace, items: list[Any], warm: list[Any], size: dict[str, int], tok: Any,
+               dev: str, sync: Any) -> list[dict[str, Any]]:
     from ragcomp.tokens import _point_tiktoken_at_offline_files
 
     _point_tiktoken_at_offline_files()  # llmlingua loads cl100k at start; no network here
@@ -297,7 +320,7 @@ def _llmlingua(args: argparse.Namespace, items: list[Any], size: dict[str, int],
         def go(it: tuple[str, list[str]]) -> Any:
             return pc.compress_prompt(it[1], rate=0.33, force_tokens=["\n", "?"])
 
-        times = _time(go, items, sync)
+        times = _time(go, items, sync, warm)
     dtype = str(next(pc.model.parameters()).dtype).split(".")[-1]
     return [_row(f"llmlingua 0.2 LLMLingua-2 ({dtype})", times, args)]
 

@@ -15,8 +15,9 @@ from ragcomp.bench import print_table
 
 
 def profile_paths(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
-             tok: Any, sync: Any) -> None:
-    """Per path: the compressor's named ranges (CPU and GPU ms per question) and the top GPU kernels."""
+                  warm: list[Any], tok: Any, sync: Any) -> None:
+    """Per path: the compressor's named ranges (CPU and GPU ms per question) and the top GPU kernels,
+    recorded on the first questions of `items` after a warm-up on `warm` and the other questions."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -32,7 +33,7 @@ def profile_paths(args: argparse.Namespace, config: Any, dtype: Any, paths: list
     for path in paths:
         comp = _compressor(model, tok, args, path, 0)
         try:
-            for it in items:  # warm-up, untimed: kernels and graph captures out of the record
+            for it in warm + items[n:]:  # warm-up, untimed: kernels and graph captures out of the record
                 comp.compress(*it)
         except Exception as e:  # as in the timed rows: the other paths still get their profile
             print(f"profile of path {path} failed: {type(e).__name__}: {e}", file=sys.stderr)

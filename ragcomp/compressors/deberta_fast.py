@@ -5,7 +5,10 @@ the host-side work taken out of the per-layer loop:
 
 - the bucketed relative positions (`build_relative_position`, HF's own function) are built once per
   sequence length and device and cached, as one embedding row per distance for c2p and p2c;
-- the relative embeddings are LayerNorm'd once per forward (HF: once per layer);
+- the relative embeddings are LayerNorm'd and projected by each layer's key and query projections
+  (divided by the scale) once for all 2 * span rows, and kept until a weight changes
+  (`position_projections`; HF: every layer of every forward), so a forward only gathers the rows
+  its columns use, for all layers in one step;
 - the bucketed position of query i and key j depends on i - j only, so the c2p and p2c scores are
   computed once per distance ([heads, batch, length, width >= 2 * length - 1], one embedding row
   per distance, picked once per forward) and read through a strided view: no [batch, heads, length,
@@ -23,6 +26,9 @@ the host-side work taken out of the per-layer loop:
   GEMM (`fused_qkv`), the bias written by one tiled kernel (its two terms are strided views in
   transposed layouts, which eager's elementwise kernel reads column-wise) with the key padding in
   it, and the scaling, residual adds and LayerNorms fused (eager runs them as separate kernels);
+  in bf16/fp16 on CUDA the feed-forward's GELU runs in its first GEMM's epilogue (cuBLASLt,
+  `linear_gelu`: the tanh form of GELU, within 5e-4 of the exact one, far below the rounding
+  of those dtypes), saving a pass over the [tokens, 4 * hidden] activations;
 - `attention="flex"` (CUDA or CPU, through torch.compile) never writes the [batch, heads, length,
   length] bias: FlexAttention's score_mod reads the two per-distance scores and the key padding
   for each score it computes (see `deberta_flex.py`).
@@ -46,6 +52,20 @@ F = torch.nn.functional
 
 _POS_TYPES = {"c2p", "p2c"}
 ATTENTION_IMPLS = ("sdpa", "sdpa-compiled", "flex")
+
+
+@torch.library.custom_op("ragcomp::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x @ weight.T + bias) by `_addmm_activation`: on CUDA one cuBLASLt GEMM with a bias + GELU
+    epilogue (GELU's tanh form), on CPU exact GELU after the GEMM. A custom op so that inductor
+    calls it as it is instead of splitting it back into a GEMM and a GELU kernel."""
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu.register_fake
+def _linear_gelu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -93,6 +113,10 @@ class FastDebertaV2Encoder:
         self.scale_factor = 1 + len(self.pos_types)
         self._positions: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._fused_qkv: dict[int, tuple[tuple[int, ...], Any, Any]] = {}
+        self._projected: tuple[tuple[Any, ...], Any, Any] | None = None
+        # The GELU epilogue replaces exact GELU only (HF's "gelu") on a dense layer with a bias.
+        self._gelu_model = config.hidden_act == "gelu" and all(
+            layer.intermediate.dense.bias is not None for layer in model.encoder.layer)
 
     def scale(self, dtype: Any) -> float:
         # HF divides by sqrt(head_dim * factor) cast to the model dtype (bf16 rounds 13.86 to 13.88).
@@ -140,12 +164,13 @@ class FastDebertaV2Encoder:
         width = round_up(2 * length - 1, 8)  # aligned score rows (see the module docstring)
         c2p_rows, p2c_rows = (F.pad(r, (0, width - r.shape[0])) for r in self.positions(length, h.device))
         encoder = model.encoder
-        rel = encoder.get_rel_embedding()  # LayerNorm'd once, not once per layer
-        # Each score column's embedding row, picked once for all layers (width rows each).
-        rel_c2p, rel_p2c = rel[c2p_rows], rel[p2c_rows]
+        scale = self.scale(h.dtype)
+        # Each score column's projected position row for every layer, picked in one gather per forward.
+        proj_k, proj_q = self.position_projections(scale)
+        pos_k = proj_k[:, c2p_rows] if proj_k is not None else [None] * len(encoder.layer)
+        pos_q = proj_q[:, p2c_rows] if proj_q is not None else [None] * len(encoder.layer)
         # Key padding as an additive bias; the most negative finite value keeps fully padded rows finite.
         key_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
-        scale = self.scale(h.dtype)
         padding = None
         # Eager SDPA takes the key padding through an extra p2c column; the compiled layer and flex add it.
         if "p2c" in self.pos_types and self.attention == "sdpa":
@@ -154,17 +179,43 @@ class FastDebertaV2Encoder:
             from ragcomp.compressors.deberta_flex import compiled_layer
 
             forward = compiled_layer(_layer_forward)
-            constants = (scale, self.heads, tuple(sorted(self.pos_types)), self.share_att_key)
-            for layer in encoder.layer:
-                h = forward(layer, *self.fused_qkv(layer.attention.self), h, rel_c2p, rel_p2c, key_bias,
-                            *constants)
+            epilogue = self._gelu_model and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
+            for n, layer in enumerate(encoder.layer):
+                qkv = self.fused_qkv(layer.attention.self)
+                h = forward(layer, *qkv, h, pos_k[n], pos_q[n], key_bias, scale, self.heads, epilogue)
             return h
-        for layer in encoder.layer:
+        for n, layer in enumerate(encoder.layer):
             attention = layer.attention
-            context = self._attention(attention.self, h, rel_c2p, rel_p2c, key_bias, padding, scale)
+            context = self._attention(h, attention.self, pos_k[n], pos_q[n], key_bias, padding, scale)
             a = attention.output(context, h)  # dense + residual LayerNorm (HF modules, no copy)
             h = layer.output(layer.intermediate(a), a)
         return h
+
+    def position_projections(self, scale: float) -> tuple[Any, Any]:
+        """([layers, 2 * span, hidden] c2p key projections, p2c query projections) of every
+        relative-embedding row, divided by `scale` (None for a term the config leaves out).
+
+        A layer's position rows depend on its weights only, not on the input: computed once for all
+        rows (HF: every forward, every layer), then each forward gathers its columns' rows for all
+        layers at once. Rebuilt when a parameter they read changes (storage or in-place version)."""
+        encoder = self.model.encoder
+        atts = [layer.attention.self for layer in encoder.layer]
+        key_mods = [a.key_proj if self.share_att_key else a.pos_key_proj for a in atts] \
+            if "c2p" in self.pos_types else []
+        query_mods = [a.query_proj if self.share_att_key else a.pos_query_proj for a in atts] \
+            if "p2c" in self.pos_types else []
+        norm = getattr(encoder, "LayerNorm", None)
+        params = [encoder.rel_embeddings.weight, *(norm.parameters() if norm is not None else ())]
+        params += [t for m in key_mods + query_mods for t in (m.weight, m.bias) if t is not None]
+        key = (scale, *(x for t in params for x in (t.data_ptr(), t._version)))
+        if self._projected is None or self._projected[0] != key:
+            # Normal tensors even when called under inference_mode (the cache outlives the call).
+            with torch.inference_mode(False), torch.no_grad():
+                rel = encoder.get_rel_embedding()  # LayerNorm'd as HF does
+                stacked = [torch.stack([m(rel) / scale for m in mods]) if mods else None
+                           for mods in (key_mods, query_mods)]
+            self._projected = (key, *stacked)
+        return self._projected[1], self._projected[2]
 
     def fused_qkv(self, att: Any) -> tuple[Any, Any]:
         """(weight [3 * hidden, hidden], bias) of the query, key and value projections stacked, so
@@ -184,12 +235,11 @@ class FastDebertaV2Encoder:
                 cached = self._fused_qkv[id(att)] = (key, weight, torch.cat(biases))
         return cached[1], cached[2]
 
-    def _attention(self, att: Any, h: Any, rel_c2p: Any, rel_p2c: Any, key_bias: Any,
+    def _attention(self, h: Any, att: Any, pos_k: Any, pos_q: Any, key_bias: Any,
                    padding: tuple[Any, Any] | None, scale: float) -> Any:
         batch, length, _ = h.shape
         q_rows, k_rows = att.query_proj(h), att.key_proj(h)  # [batch, length, heads * head_dim]
-        c2p, p2c = _relative_scores(att, q_rows, k_rows, rel_c2p, rel_p2c, scale, self.heads,
-                                    self.pos_types, self.share_att_key, padding)
+        c2p, p2c = _relative_scores(q_rows, k_rows, pos_k, pos_q, self.heads, padding)
         q, k, v = (_split_heads(x, self.heads) for x in (q_rows, k_rows, att.value_proj(h)))
         if self.attention == "flex":
             from ragcomp.compressors.deberta_flex import relative_flex_attention
@@ -201,24 +251,25 @@ class FastDebertaV2Encoder:
         return context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
 
-def _layer_forward(layer: Any, qkv_weight: Any, qkv_bias: Any, h: Any, rel_c2p: Any, rel_p2c: Any,
-                   key_bias: Any, scale: float, heads: int, pos_types: tuple[str, ...],
-                   share_att_key: bool) -> Any:
+def _layer_forward(layer: Any, qkv_weight: Any, qkv_bias: Any, h: Any, pos_k: Any, pos_q: Any,
+                   key_bias: Any, scale: float, heads: int, gelu_epilogue: bool = False) -> Any:
     """One encoder layer as `FastDebertaV2Encoder` computes it (per-distance scores, skewed views,
     one bias, SDPA, HF's output modules), written to compile whole (`attention="sdpa-compiled"`):
     query, key and value in one GEMM (`fused_qkv`); inductor writes the bias in one kernel and fuses
-    the scaling, residual adds and LayerNorms that eager runs as separate kernels."""
-    att = layer.attention.self
+    the scaling, residual adds and LayerNorms that eager runs as separate kernels; `gelu_epilogue`:
+    the feed-forward's first GEMM applies GELU itself (`linear_gelu`)."""
     batch, length, hidden = h.shape
     q_rows, k_rows, v_rows = F.linear(h, qkv_weight, qkv_bias).split(hidden, dim=-1)
-    c2p, p2c = _relative_scores(att, q_rows, k_rows, rel_c2p, rel_p2c, scale, heads, pos_types,
-                                share_att_key, None)
+    c2p, p2c = _relative_scores(q_rows, k_rows, pos_k, pos_q, heads, None)
     terms = [_skew(x, query_stride_first=first, offset=0).transpose(0, 1)
              for x, first in ((c2p, True), (p2c, False)) if x is not None]
     bias = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     split = [_split_heads(x, heads) for x in (q_rows, k_rows, v_rows)]
     context = F.scaled_dot_product_attention(*split, attn_mask=bias + key_bias, scale=1.0 / scale)
     a = layer.attention.output(context.transpose(1, 2).reshape(batch, length, hidden), h)
+    if gelu_epilogue:
+        dense = layer.intermediate.dense
+        return layer.output(linear_gelu(a, dense.weight, dense.bias), a)
     return layer.output(layer.intermediate(a), a)
 
 
@@ -227,17 +278,12 @@ def _split_heads(x: Any, heads: int) -> Any:
     return x.view(*x.shape[:-1], heads, x.shape[-1] // heads).transpose(-3, -2)
 
 
-def _relative_scores(att: Any, q_rows: Any, k_rows: Any, rel_c2p: Any, rel_p2c: Any, scale: float, heads: int,
-                     pos_types: Any, share_att_key: bool, padding: tuple[Any, Any] | None) -> tuple[Any, Any]:
-    """(c2p, p2c) per-distance scores of one layer (None for a term the config leaves out); 1/scale
-    goes on the position rows ([width, hidden]), not on the scores; `padding` rides on p2c."""
-    c2p = p2c = None
-    if "c2p" in pos_types:
-        key_proj = att.key_proj if share_att_key else att.pos_key_proj
-        c2p = _position_scores(q_rows, key_proj(rel_c2p) / scale, heads, None)
-    if "p2c" in pos_types:
-        query_proj = att.query_proj if share_att_key else att.pos_query_proj
-        p2c = _position_scores(k_rows, query_proj(rel_p2c) / scale, heads, padding)
+def _relative_scores(q_rows: Any, k_rows: Any, pos_k: Any, pos_q: Any, heads: int,
+                     padding: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """(c2p, p2c) per-distance scores of one layer from its projected position rows ([width, hidden],
+    1/scale applied; None for a term the config leaves out); `padding` rides on p2c."""
+    c2p = _position_scores(q_rows, pos_k, heads, None) if pos_k is not None else None
+    p2c = _position_scores(k_rows, pos_q, heads, padding) if pos_q is not None else None
     return c2p, p2c
 
 
