@@ -111,9 +111,8 @@ def _inputs(args: argparse.Namespace, warm_up: bool = False) -> list[tuple[str, 
     return out
 
 
-def _time(fn: Any, items: list[Any], sync: Any, warm: list[Any]) -> list[float]:
-    for it in warm:  # warm-up: kernels, allocator, one CUDA graph per shape, tokenizer caches
-        fn(it)
+def _time(fn: Any, items: list[Any], sync: Any) -> list[float]:
+    """Seconds of each `fn(item)`, synchronised; callers warm up first (on other questions)."""
     times = []
     for it in items:
         sync()
@@ -225,11 +224,11 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
                    if key[:2] == (comp.fast_encoder, True)) if comp.cuda_graphs else None
 
     t0 = time.perf_counter()
-    for it in warm:
+    for it in warm:  # kernels, allocator, one CUDA graph (and compile) per shape
         comp.compress(*it)
     warmup_s = time.perf_counter() - t0
     before = n_graphs()
-    times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync, [])
+    times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
     row = _row(name, times, args)
     row["warmup_s"] = round(warmup_s, 2)
     probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
@@ -265,7 +264,7 @@ def _cpu_side(items: list[Any], warm: list[Any], tok: Any) -> list[dict[str, Any
     from ragcomp.text import split_sentences
 
     comp = ProvenceCompressor("unused", encoder_tokenizer=tok)
-    for q, passages in warm:  # as the compressor's warm-up: the tokenizer's own caches
+    for q, passages in warm:  # as the compressor's warm-up: the wrapper's first call, the thread pool
         encode_ids(tok, [q, *passages])
     lock = threading.Lock()
     names = ("token ids (before launch)", "windows (before launch)", "batch arrays (before launch)",
@@ -320,7 +319,9 @@ def _llmlingua(args: argparse.Namespace, items: list[Any], warm: list[Any], size
         def go(it: tuple[str, list[str]]) -> Any:
             return pc.compress_prompt(it[1], rate=0.33, force_tokens=["\n", "?"])
 
-        times = _time(go, items, sync, warm)
+        for it in warm:
+            go(it)
+        times = _time(go, items, sync)
     dtype = str(next(pc.model.parameters()).dtype).split(".")[-1]
     return [_row(f"llmlingua 0.2 LLMLingua-2 ({dtype})", times, args)]
 
