@@ -222,3 +222,48 @@ def test_every_subpackage_is_listed_for_non_editable_installs() -> None:
     found = {".".join(("ragcomp", *p.parent.relative_to(root / "ragcomp").parts)).rstrip(".")
              for p in (root / "ragcomp").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+def test_input_tokens_are_counted_once_and_can_run_while_a_step_waits() -> None:
+    """A step may run the caller's input token count while its device computes
+    (`run_while_waiting`); the count is the same, taken once, and a step that never asks
+    still gets it afterwards."""
+    from ragcomp.base import Compressor, run_while_waiting
+    from ragcomp.types import Compressed
+
+    calls: list[str] = []
+
+    class Counter:
+        name = "words"
+
+        def count(self, text: str) -> int:
+            calls.append("count")
+            return len(text.split())
+
+        def truncate(self, text: str, max_tokens: int) -> str:
+            return text
+
+    class Waiting(Compressor):
+        name = "waiting"
+
+        def __init__(self, waits: bool) -> None:
+            super().__init__(tokenizer=Counter())
+            self.waits = waits
+
+        def _compress(self, query: str, passages: list[Passage]) -> list[Compressed]:
+            if self.waits:
+                run_while_waiting()
+                run_while_waiting()  # a second call does not count again
+            calls.append("step done")
+            return [Compressed(p, p.text, [(0, len(p.text))], p.score, True) for p in passages[:1]]
+
+    words_in = sum(len(p.text.split()) for p in PASSAGES)
+    for waits, order in ((True, ["count", "step done"]), (False, ["step done", "count"])):
+        calls.clear()
+        (res,) = Waiting(waits).compress_batch(["q"], [PASSAGES])
+        assert calls[:2] == order and calls.count("count") == 2  # input once, output once
+        assert res.tokens_in == words_in
+        assert res.tokens_out == len(PASSAGES[0].text.split())
+    calls.clear()
+    empty = Waiting(True).compress_batch(["q", "q"], [[], PASSAGES])
+    assert [r.tokens_in for r in empty] == [0, words_in]

@@ -177,8 +177,9 @@ class XragCompressor(Compressor):
                 items.append(Compressed.dropped(p, p.score))
         return items
 
-    def _result(self, passages: list[Passage], items: list[Compressed], seconds: float) -> CompressionResult:
-        res = super()._result(passages, items, seconds)
+    def _result(self, passages: list[Passage], items: list[Compressed], seconds: float,
+                tokens_in: int | None = None) -> CompressionResult:
+        res = super()._result(passages, items, seconds, tokens_in)
         vecs = [c.embedding for c in items if c.kept and isinstance(c, XragCompressed)]
         matrix = np.stack(vecs) if vecs else np.zeros((0, self.hidden_size), dtype=np.float32)
         res.context = EmbeddingContext(res.context, matrix, self.lm, self.fallback)
