@@ -21,16 +21,15 @@ each gets at least `parallel_min_bytes`. `get_many_buffers` receives into reused
 (buffers.py) for callers that map tensors onto the bytes. A value whose records look wrong takes
 the careful path: it re-reads the header (a concurrent overwrite is not corruption), otherwise
 logs a warning, removes the entry (only if the header is still the one it read) and returns
-None. Values are opaque bytes: nothing is ever pickled.
+None. Values are opaque bytes: nothing is ever pickled. The writes live in redis_write and the
+careful path in redis_careful, base classes of `RedisStore`; this module keeps the connection,
+the batch reads, listing and lifecycle.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,16 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 from ragcomp._optional import require
 from ragcomp.stores.base import ByteStore, StoreError
 from ragcomp.stores.buffers import BufferPool
-from ragcomp.stores.redis_format import (
-    CHUNKED,
-    INLINE,
-    MAX_CHUNK_BYTES,
-    Corrupt,
-    Header,
-    UnknownDigest,
-    digest,
-    stale_chunks,
-)
+from ragcomp.stores.redis_careful import CarefulReads, _glob_escape
+from ragcomp.stores.redis_format import MAX_CHUNK_BYTES, Header
 from ragcomp.stores.redis_server import _free_port, local_redis_server
 from ragcomp.stores.redis_wire import (
     Alloc,
@@ -59,23 +50,11 @@ from ragcomp.stores.redis_wire import (
     read_headers,
     split_plan,
 )
+from ragcomp.stores.redis_write import Writes
 
 __all__ = ["MAX_CHUNK_BYTES", "RedisStore", "_free_port", "local_redis_server", "redact_url"]
 
-log = logging.getLogger(__name__)
-
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-# Compare-and-delete: remove a header only if it is still the record the caller judged corrupt.
-_DEL_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        log.warning(message)
 
 
 def redact_url(url: str) -> str:
@@ -101,7 +80,7 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class RedisStore(ByteStore):
+class RedisStore(CarefulReads, Writes, ByteStore):
     """Bytes by key in Redis through redis-py's connection pool.
 
     url: redis://HOST:PORT/DB, rediss://..., unix://PATH, or redis+cluster://HOST:PORT (any node
@@ -322,193 +301,6 @@ class RedisStore(ByteStore):
             groups.setdefault(id(pool), (pool, []))[1].append(i)
         return list(groups.values())
 
-    def _resolve(self, key: str, record: bytes | None) -> bytes | None:
-        """The value a header record stands for, read the careful way; None (after cleanup) if
-        it is corrupt."""
-        for _ in range(5):
-            if record is None:
-                return None
-            try:
-                head = Header(record)
-            except Corrupt as e:
-                self._drop_corrupt(key, record, str(e))
-                return None
-            except UnknownDigest as e:
-                _warn_once(f"redis store {self._shown_url}: {e}; such entries count as misses "
-                           "(pip install xxhash to read them)")
-                return None
-            if head.kind == INLINE:
-                payload = record[len(record) - head.total :]
-                if digest(payload, head.algo) != head.digests[0]:
-                    self._drop_corrupt(key, record, "checksum mismatch")
-                    return None
-                self._count(read=head.total)
-                return payload
-            value, problem = self._read_chunks(key, head)
-            if value is not None:
-                self._count(read=head.total)
-                return value
-            # A writer may have replaced the value (and deleted these chunks) since the header
-            # was read: that is not corruption, read the new header instead.
-            now = self._client.get(self._hkey(key))
-            if now == record:
-                self._drop_corrupt(key, record, problem)
-                return None
-            record = now
-        log.warning("redis store %s: key %r kept changing while being read", self._shown_url, key)
-        return None
-
-    def _read_chunks(self, key: str, head: Header) -> tuple[bytes | None, str]:
-        """A chunked value through redis-py pipelines, naming the first problem if any."""
-        keys = self._ckeys(key, head.write_id, head.count)
-        spans = head.spans()
-        value, view = new_buffer(head.total)
-
-        def read_range(a: int, b: int) -> str | None:
-            pipe = self._client.pipeline(transaction=False)
-            for k in keys[a:b]:
-                pipe.get(k)
-            # raise_on_error=False: a chunk key holding another type is corruption, not an outage
-            for i, part in enumerate(pipe.execute(raise_on_error=False), start=a):
-                off, size = spans[i]
-                if isinstance(part, Exception):
-                    return f"chunk {i} of {head.count}: {part}"
-                if part is None or len(part) != size:
-                    return f"chunk {i} of {head.count} is missing or has the wrong size"
-                view[off : off + size] = part
-                if digest(view[off : off + size], head.algo) != head.digests[i]:
-                    return f"chunk {i} of {head.count}: checksum mismatch"
-            return None
-
-        problems = [p for p in self._map_ranges(read_range, head.count) if p]
-        if problems:
-            return None, problems[0]
-        return (value if isinstance(value, bytes) else bytes(value)), ""
-
-    def _drop_corrupt(self, key: str, record: bytes, why: str) -> None:
-        log.warning("redis store %s: dropping corrupt entry %r: %s", self._shown_url, key, why)
-        if not self._client.eval(_DEL_IF_EQUAL, 1, self._hkey(key), record):
-            return  # replaced meanwhile: the new value is not ours to judge
-        if stale_chunks(record) is not None:
-            self._delete_chunks(key, record)
-            return
-        # The header is too damaged to name its chunks: find them by pattern (rare, scans),
-        # sparing those of a header a writer may have stored since.
-        current = stale_chunks(self._client.get(self._hkey(key)))
-        keep = f":{current[0].hex()}:" if current else None
-        pattern = _glob_escape(f"{self.prefix}c:{{{key}}}:") + "*"
-        names = [
-            n for n in self._client.scan_iter(match=pattern, count=1000) if not keep or keep.encode() not in n
-        ]
-        if names:
-            self._delete_keys(names)
-
-    # -- writes ------------------------------------------------------------------------------
-
-    def set(self, key: str, value: bytes) -> None:
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise TypeError(f"RedisStore values must be bytes, got {type(value).__name__}")
-        data = memoryview(value).cast("B")
-        written: list[str] = []
-        try:
-            if data.nbytes <= self.inline_bytes:
-                record = self._inline_record(data)
-            else:
-                record, written = self._write_chunks(key, data)
-            old = self._client.set(self._hkey(key), record, get=True)
-            written = []
-            self._count(written=data.nbytes)
-            self._retire_chunks(key, old)
-        except self._errors as e:
-            if written:  # chunks of a header that was never stored: try not to leave them behind
-                with contextlib.suppress(self._errors):
-                    self._delete_keys(written)
-            raise self._store_error(e, f"write {key!r}") from None
-
-    def set_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        small: list[tuple[str, bytes]] = []
-        for key, value in items:
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"RedisStore values must be bytes, got {type(value).__name__}")
-            data = memoryview(value).cast("B")
-            if data.nbytes <= self.inline_bytes:
-                small.append((key, self._inline_record(data)))
-            else:
-                self.set(key, value)
-        if not small:
-            return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for key, record in small:
-                pipe.set(self._hkey(key), record, get=True)
-            olds = pipe.execute()
-            self._count(written=sum(Header(r).total for _, r in small))
-            for (key, _), old in zip(small, olds, strict=True):
-                self._retire_chunks(key, old)
-        except self._errors as e:
-            raise self._store_error(e, f"write {len(small)} keys") from None
-
-    @staticmethod
-    def _inline_record(data: memoryview) -> bytes:
-        head = Header.build(INLINE, data.nbytes, max(data.nbytes, 1), os.urandom(8), [digest(data)])
-        return head + data
-
-    def _write_chunks(self, key: str, data: memoryview) -> tuple[bytes, list[str]]:
-        # About one chunk per connection, so reads of mid-size values run in parallel too.
-        cb = min(self.chunk_bytes, max(self.min_split_bytes, -(-data.nbytes // self.parallel)))
-        count = -(-data.nbytes // cb)
-        write_id = os.urandom(8)
-        keys = self._ckeys(key, write_id, count)
-        digests: list[bytes] = [b""] * count
-
-        def write_range(a: int, b: int) -> None:
-            pipe = self._client.pipeline(transaction=False)
-            for i in range(a, b):
-                part = data[i * cb : (i + 1) * cb]  # a view: redis-py sends it without copying
-                digests[i] = digest(part)
-                pipe.set(keys[i], part)
-            pipe.execute()
-
-        try:
-            self._map_ranges(write_range, count)
-        except BaseException:
-            self._delete_keys(keys)
-            raise
-        return Header.build(CHUNKED, data.nbytes, cb, write_id, digests), keys
-
-    def delete(self, key: str) -> None:
-        try:
-            old = self._client.getdel(self._hkey(key))
-            self._delete_chunks(key, old)
-        except self._errors as e:
-            raise self._store_error(e, f"delete {key!r}") from None
-
-    def _retire_chunks(self, key: str, record: bytes | None) -> None:
-        # Chunks of a replaced value: a reader may hold the old header and still be fetching
-        # them, so they expire after stale_ttl instead of vanishing under that reader.
-        stale = stale_chunks(record)
-        if stale is None:
-            return
-        if self.stale_ttl <= 0:
-            self._delete_keys(self._ckeys(key, *stale))
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for k in self._ckeys(key, *stale):
-            pipe.pexpire(k, max(1, int(self.stale_ttl * 1000)))
-        pipe.execute()
-
-    def _delete_chunks(self, key: str, record: bytes | None) -> None:
-        stale = stale_chunks(record)
-        if stale is not None:
-            self._delete_keys(self._ckeys(key, *stale))
-
-    def _delete_keys(self, keys: list[str]) -> None:
-        # One DEL per key: a multi-key DEL would fail across cluster slots.
-        pipe = self._client.pipeline(transaction=False)
-        for k in keys:
-            pipe.delete(k)
-        pipe.execute()
-
     # -- listing and lifecycle ---------------------------------------------------------------
 
     def keys(self, prefix: str = "") -> Iterator[str]:
@@ -539,8 +331,3 @@ class RedisStore(ByteStore):
                 self._executor = None
         self._buffers.clear()
         self._client.close()
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
