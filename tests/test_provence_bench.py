@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -27,9 +28,12 @@ def test_tiktoken_folder_is_checked_and_exported(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.skipif(not (DATA / "qa_dev.jsonl").exists(), reason="needs ../shared/data")
-def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
     code = prune_gpu.main(["--small", "--device", "cpu", "--questions", "2", "--passages", "3",
-                           "--words", "60", "--paths", "fast", "--skip-llmlingua", "--profile", "2"])
+                           "--words", "60", "--paths", "fast", "--skip-llmlingua", "--profile", "2",
+                           "--json", str(report)])
     out = capsys.readouterr().out
     assert code == 0
     for name in ("tokenize", "windows", "batch_arrays", "forward", "d2h", "sentences", "wait",
@@ -37,4 +41,7 @@ def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixt
         row = re.search(rf"\| provence\.{name} +\| ([\d.]+) +\| ([\d.]+) ", out)
         assert row is not None, name
         assert float(row.group(1)) == 1.0 and float(row.group(2)) > 0  # one call per question, timed
-    assert "fast (float32) warm cache" in out  # the cached row next to the cold ones
+    # The cached row next to the cold ones, and it hits: every timed passage was seen in its warm-up.
+    rows = {r["compressor"]: r for r in json.loads(report.read_text())["latency"]}
+    assert rows["ragcomp provence fast (float32)"]["cache_hits"] == 0.0
+    assert rows["ragcomp provence fast (float32) warm cache"]["cache_hits"] == 1.0
