@@ -22,31 +22,15 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table, standalone_main
+from ragcomp.bench.kv_gpu import GPU_SHAPES, bench_gpu, random_model  # noqa: F401  (re-exported for bench.pages)
 from ragcomp.bench.kv_quality import bench_quality
 from ragcomp.bench.kv_redis import bench_redis
 
 QA_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "qa_dev.jsonl"
-
-# Real shapes (config.json of the published checkpoints); weights are random.
-GPU_SHAPES: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                         rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=32768),
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=32768),
-    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, rope_theta=1e4,
-                       tie_word_embeddings=False, max_position_embeddings=4096),  # dry runs
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      rope_theta=5e5, tie_word_embeddings=False, max_position_embeddings=8192 * 4),
-}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -253,182 +237,6 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
         kv.close()
     tmp.cleanup()
     return rows
-
-
-# -- (d) GPU, random weights of real shapes -------------------------------------------------------
-
-
-def random_model(shape: str, device: Any) -> tuple[Any, Any]:
-    """(model, config): random bf16 weights of one of GPU_SHAPES, built on `device`."""
-    import torch
-    import transformers
-
-    spec = dict(GPU_SHAPES[shape])
-    mtype, theta = spec.pop("model_type"), spec.pop("rope_theta")
-    cfg = transformers.AutoConfig.for_model(mtype, **spec, rope_parameters={"rope_type": "default",
-                                                                             "rope_theta": theta})
-    t = time.perf_counter()
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    print(f"{shape}: random weights in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-    return model, cfg
-
-
-def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import torch
-
-    from ragcomp.kv.codec import ChunkKV, quantize
-    from ragcomp.kv.engine import KVEngine
-    from ragcomp.kv.tiers import TensorLRU
-
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--part gpu needs a CUDA device (or --device cpu for a dry run)")
-    on_gpu = dev.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    contexts = [int(x) for x in args.contexts.split(",")]
-    rows = []
-    chunk_len, q_len, p_len = 512, 32, 32
-    g = torch.Generator().manual_seed(0)
-
-    def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-        out = fn()  # warm-up (kernels, allocator)
-        sync()
-        times = []
-        for _ in range(repeat):
-            sync()
-            t = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return _median(times), out
-
-    for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
-        model, cfg = random_model(shape, dev)
-        eng = KVEngine(model, shape)
-        vocab = cfg.vocab_size
-        prefix_ids = torch.randint(0, vocab, (p_len,), generator=g).tolist()
-        q_ids = torch.randint(0, vocab, (q_len,), generator=g).tolist()
-        prefix = eng.encode_prefix(prefix_ids)
-        for ctx in contexts:
-            n_chunks = max(1, (ctx - p_len - q_len) // chunk_len)
-            ids = [torch.randint(0, vocab, (chunk_len,), generator=g).tolist() for _ in range(n_chunks)]
-            chunks = eng.encode_chunks(prefix, ids, batch_size=4)
-            total = p_len + n_chunks * chunk_len
-            # The tiers as KVCache builds them on a GPU machine: packed (keys and values of a
-            # chunk in one buffer), in pinned host memory or on the GPU.
-            pinned = TensorLRU("cpu", 1 << 40, "cpu", pin=on_gpu, packed=on_gpu)
-            host = [pinned.put(str(i), c) for i, c in enumerate(chunks)]
-            gpu_tier = TensorLRU("gpu", 1 << 40, dev, packed=True)
-            on_dev = [gpu_tier.put(str(i), c) for i, c in enumerate(chunks)]
-            plain = TensorLRU("cpu", 1 << 40, "cpu", pin=on_gpu)  # unpacked, for chunk-by-chunk
-            host_plain = [plain.put(str(i), c) for i, c in enumerate(chunks)]
-            fp8_tier = TensorLRU("cpu", 1 << 40, "cpu", pin=on_gpu, packed=on_gpu)
-            host8 = []
-            for i, c in enumerate(chunks):
-                k, v, ks, vs = quantize(c.keys, c.values, "fp8")
-                host8.append(fp8_tier.put(str(i), ChunkKV(c.ids, k, v, c.base, c.fingerprint, "fp8", ks, vs)))
-            full_ids = prefix.ids + [t for c in ids for t in c] + q_ids
-            sources = {"GPU tier": on_dev, "pinned-CPU tier": host, "pinned-CPU tier, fp8": host8,
-                       "_plain": host_plain}
-            times, info = _gpu_case(eng, prefix, full_ids, q_ids, total, sources, timed, args.repeat,
-                                    args.groups)
-            t_full = times["full prefill"]
-            for name, tt in times.items():
-                src = sources.get(name, host_plain if "chunk by chunk" in name else None)
-                mb = sum(c.nbytes for c in src) / 1e6 if src else None
-                rows.append({"shape": shape, "context": total + q_len, "source": name, "ttft_ms": tt * 1e3,
-                             "x_faster": t_full / tt, "KV_MB": mb})
-            if args.profile and on_gpu:
-                _profile(partial(eng.prefill_streamed, prefix, host, q_ids, groups=args.groups),
-                         f"{shape} {total + q_len} tokens, pinned-CPU tier")
-                _profile(partial(eng.full_prefill, full_ids), f"{shape} {total + q_len} tokens, full prefill")
-            host = {k: round(v * 1e3, 1) for k, v in info["host_ms"].items()}
-            print_table(rows[-len(times):], f"{shape}, {total + q_len} tokens; streamed vs chunk-by-chunk "
-                        f"KV and logits max diff {info['streamed_vs_chunkwise_maxdiff']:.2e}; host ms {host}")
-            del chunks, host, host8, pinned, fp8_tier, on_dev, gpu_tier, plain, host_plain, sources
-            if on_gpu:
-                torch.cuda.empty_cache()
-        del model, eng, prefix
-        if on_gpu:
-            torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(0) if on_gpu else "CPU dry run"
-    print_table(rows, f"GPU TTFT ({name}, bf16, random weights of real shapes, SDPA, {q_len}-token question, "
-                f"{chunk_len}-token chunks, {args.groups} layer groups, median of {args.repeat})")
-    return rows
-
-
-def _profile(fn: Any, title: str) -> None:
-    """Top CUDA kernels by time over three calls (where a path spends its milliseconds)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-    print(f"### profile: {title} (3 calls)", file=sys.stderr)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
-          file=sys.stderr, flush=True)
-
-
-def _gpu_case(eng: Any, prefix: Any, full_ids: list[int], q_ids: list[int], total: int,
-              sources: dict[str, list[Any]], timed: Any, repeat: int, groups: int = 8
-              ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median TTFT of a full prefill and of answering from each source (KVCache's GPU path:
-    layer-group streaming that overlaps copies with the question's forward), plus the
-    chunk-by-chunk path without overlap for the pinned tier. Also the first tokens and the
-    largest logit difference between the streamed and the chunk-by-chunk assembly."""
-
-    def full() -> Any:
-        _, logits = eng.full_prefill(full_ids)
-        return logits
-
-    def streamed(src: list[Any], reserve: int | None = None) -> Any:
-        return lambda: eng.prefill_streamed(prefix, src, q_ids, groups=groups, reserve=reserve)[2]
-
-    def stock(fn: Any) -> Any:
-        def go() -> Any:  # transformers' own attention (repeat_kv) and cache (concatenation)
-            was, eng.fold = eng.fold, False
-            try:
-                return fn()
-            finally:
-                eng.fold = was
-
-        return go
-
-    def chunk_by_chunk(src: list[Any]) -> Any:
-        def go() -> Any:
-            asm = eng.assemble(prefix, src)  # per chunk: H2D copy (non-blocking) + rotation
-            return eng.prefill(eng.make_cache(asm.keys, asm.values), q_ids, total)
-
-        return go
-
-    times, logits = {}, {}
-    times["full prefill"], logits["full prefill"] = timed(full, repeat)
-    for name, src in sources.items():
-        if not name.startswith("_"):
-            times[name], logits[name] = timed(streamed(src), repeat)
-    name = "pinned-CPU tier, stock attention and cache"
-    times[name], logits[name] = timed(stock(streamed(sources["pinned-CPU tier"], reserve=0)), repeat)
-    name = "pinned-CPU tier, chunk by chunk (no overlap)"
-    times[name], logits[name] = timed(chunk_by_chunk(sources["_plain"]), repeat)
-    a_s = eng.prefill_streamed(prefix, sources["pinned-CPU tier"], q_ids, groups=groups)[0]
-    a_c = eng.assemble(prefix, sources["_plain"])
-    diff = max((a_s.keys - a_c.keys).abs().max().item(), (a_s.values - a_c.values).abs().max().item(),
-               (logits["pinned-CPU tier"] - logits[name]).abs().max().item())
-    del a_s, a_c
-    # Floor: the question alone on KV already assembled on the GPU, with room for its tokens.
-    ready = eng.assemble(prefix, sources["_plain"], reserve=len(q_ids))
-    name = "floor: question on ready GPU KV"
-    times[name], logits[name] = timed(
-        lambda: eng.prefill(eng.make_cache(ready.keys, ready.values, grow=True), q_ids, total), repeat)
-    split: dict[str, float] = {}
-    eng.prefill_streamed(prefix, sources["pinned-CPU tier"], q_ids, groups=groups, timings=split)
-    first = {k: int(v.argmax()) for k, v in logits.items()}
-    return times, {"first": first, "streamed_vs_chunkwise_maxdiff": diff, "host_ms": split}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ragcomp.kv.codec import ChunkKV, CorruptEntryError, decode_entry, encode_entry
@@ -47,54 +46,12 @@ from ragcomp.kv.pages_score import (
     select_pages,
     split_pages,
 )
+from ragcomp.kv.pages_types import LongDocument, PageStats
 from ragcomp.kv.tiers import _FAULTS
-from ragcomp.kv.types import KVAnswer, KVStats
+from ragcomp.kv.types import KVAnswer
 
 if TYPE_CHECKING:
     from ragcomp.kv.cache import KVCache
-
-
-@dataclass
-class PageStats(KVStats):
-    """KVStats plus the page side: pages kept (indices in document order), the bytes read to
-    score and to answer, and the time spent scoring (inside ttft)."""
-
-    document_tokens: int = 0
-    page_tokens: int = 0
-    pages_total: int = 0
-    pages_kept: int = 0
-    kept_pages: list[int] = field(default_factory=list)
-    kept_tokens: int = 0
-    scoring: str = ""
-    seconds_score: float = 0.0
-    bytes_score: int = 0
-    bytes_pages: int = 0
-    bytes_all_pages: int = 0
-
-    @property
-    def bytes_touched(self) -> int:
-        """Scoring data + kept pages (the shared prefix is resident and not counted)."""
-        return self.bytes_score + self.bytes_pages
-
-
-@dataclass
-class LongDocument:
-    """A document known to the cache: its token ids and page layout."""
-
-    id: str
-    ids: list[int]
-    page_tokens: int
-    bounds: list[tuple[int, int]]
-    fingerprints: list[str]
-
-    @property
-    def n_pages(self) -> int:
-        return len(self.bounds)
-
-    @property
-    def cache_key(self) -> str:
-        """Keys in-memory scoring data: the id alone could name another text later."""
-        return f"{self.id}\x00{ids_hash(self.ids)}\x00{self.page_tokens}"
 
 
 class LongDocuments:
