@@ -5,7 +5,13 @@ the reader's own input embeddings of the document's tokens, and of its first 16 
 scaled to the mean norm of a token embedding). If even the oracles stay near no retrieval, one
 token per document is too little for this reader, whatever the projector learns.
 
+`--train-oracle DIR` first trains a projector (`ragcomp.train.xrag`, both stages) whose input is
+that token mean (unit length) instead of the retriever's vector, and adds its row: the best one
+vector per document this reader can be taught to read, with no retriever in the way.
+
     python scripts/xrag_ceiling.py --limit 200 --device cpu
+    python scripts/xrag_ceiling.py --device cuda --train-oracle DIR --seconds-per-stage 240 \
+        --questions pd_all.jsonl.gz
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from ragcomp.compressors.xrag import XragCompressor
 from ragcomp.compressors.xrag_context import EmbeddingContext
-from ragcomp.compressors.xrag_model import input_embeddings
+from ragcomp.compressors.xrag_model import input_embeddings, load_projector
 from ragcomp.eval.data import load_questions
 from ragcomp.eval.metrics import contains_answer, exact_match, f1_score
 from ragcomp.llm.local import LocalReader
@@ -30,7 +36,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-oracle", default=None, help="train a projector on token means into DIR")
+    parser.add_argument("--seconds-per-stage", type=float, default=240)
+    parser.add_argument("--questions", default=None, help="stage-2 question file (ragcomp train xrag)")
     args = parser.parse_args()
+    if args.train_oracle:
+        train_on_token_means(args)
     questions = load_questions(args.data, args.limit)
     retriever = CorpusRetriever.for_corpus("wiki", "minilm", device=args.device, progress=False)
     reader = LocalReader("smollm2-135m", device=args.device)
@@ -43,9 +54,12 @@ def main() -> None:
         v = table[torch.tensor(ids)].mean(0)
         return (v * token_norm / v.norm()).numpy()[None]
 
-    contexts: dict[str, list[object]] = {name: [] for name in
-                                         ("no retrieval", "full text", "xrag", "oracle: token mean",
-                                          "oracle: first 16 tokens")}
+    names = ["no retrieval", "full text", "xrag", "oracle: token mean", "oracle: first 16 tokens"]
+    trained = None
+    if args.train_oracle:
+        trained = load_projector(args.train_oracle, args.device)
+        names.append("projector trained on token means")
+    contexts: dict[str, list[object]] = {name: [] for name in names}
     hits = 0
     for q in questions:
         (p,) = retriever.retrieve(q.question, 1)
@@ -56,6 +70,11 @@ def main() -> None:
         contexts["xrag"].append(EmbeddingContext(p.text, comp.project(comp.document_embeddings([p]))))
         contexts["oracle: token mean"].append(EmbeddingContext(p.text, mean_of(ids)))
         contexts["oracle: first 16 tokens"].append(EmbeddingContext(p.text, mean_of(ids[:16])))
+        if trained is not None:
+            unit = torch.from_numpy(mean_of(ids) / token_norm).to(args.device)
+            with torch.no_grad():
+                vec = trained(unit).float().cpu().numpy()
+            contexts["projector trained on token means"].append(EmbeddingContext(p.text, vec))
     print(f"{len(questions)} questions; the top-1 passage holds an answer for {hits}")
     print("| method | EM | F1 | acc |\n|---|---|---|---|")
     for name, ctxs in contexts.items():
@@ -68,6 +87,39 @@ def main() -> None:
                   for a, q in zip(preds, questions, strict=True)]
         em, f1, acc = (100 * float(np.mean(col)) for col in zip(*scores, strict=True))
         print(f"| {name} | {em:.1f}% | {f1:.1f}% | {acc:.1f}% |", flush=True)
+
+
+def train_on_token_means(args: argparse.Namespace) -> None:
+    """`ragcomp.train.xrag.train` with each document's vector replaced by the unit-length mean of
+    the reader's input embeddings of its tokens (one document per question: no neighbour search)."""
+    from ragcomp.corpus import load_corpus
+    from ragcomp.models import load_causal_lm
+    from ragcomp.train import xrag as xrag_train
+
+    lm = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    table = input_embeddings(lm.model).weight.detach().float()
+    means = {}
+    for p in load_corpus("wiki"):
+        v = table[torch.tensor(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"] or [0])].mean(0)
+        means[p.id] = (v / v.norm()).numpy()
+    build = CorpusRetriever.for_corpus.__func__  # type: ignore[attr-defined]
+
+    def for_corpus(cls: type, *a: object, **k: object) -> CorpusRetriever:
+        retriever = build(cls, *a, **k)
+        retriever.index.vectors = lambda ids: np.stack([means[i] for i in ids])  # type: ignore[method-assign]
+        return retriever
+
+    CorpusRetriever.for_corpus = classmethod(for_corpus)  # type: ignore[method-assign,assignment]
+    try:
+        report = xrag_train.train(
+            args.train_oracle, stage="both", device=args.device, steps1=100000, steps2=100000, batch_size=64,
+            lr1=1e-3, lr2=3e-4, max_docs=1, exclude_qa=[args.data], questions=args.questions,
+            max_seconds_per_stage=args.seconds_per_stage, max_file_questions=8000, overwrite=True,
+            embedder_name="smollm2-135m token mean", progress=False)
+    finally:
+        CorpusRetriever.for_corpus = classmethod(build)  # type: ignore[method-assign,assignment]
+    print({k: {kk: v[kk] for kk in ("steps", "dev_loss_before", "dev_loss_after")}
+           for k, v in report["stages"].items()}, flush=True)
 
 
 if __name__ == "__main__":
