@@ -17,6 +17,8 @@ vector per document this reader can be taught to read, with no retriever in the 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from ragcomp.eval.data import load_questions
 from ragcomp.eval.metrics import contains_answer, exact_match, f1_score
 from ragcomp.llm.local import LocalReader
 from ragcomp.retrieval import CorpusRetriever
+from ragcomp.types import Passage
 
 
 def main() -> None:
@@ -39,14 +42,22 @@ def main() -> None:
     parser.add_argument("--train-oracle", default=None, help="train a projector on token means into DIR")
     parser.add_argument("--seconds-per-stage", type=float, default=240)
     parser.add_argument("--questions", default=None, help="stage-2 question file (ragcomp train xrag)")
+    parser.add_argument("--corpus", default="wiki", help="'wiki' or the corpus file (training only)")
+    parser.add_argument("--save-passages", default=None,
+                        help="write each question's top-1 passage and xrag vector to FILE, then stop")
+    parser.add_argument("--passages", default=None, help="read them from FILE (no retriever needed)")
     args = parser.parse_args()
     if args.train_oracle:
         train_on_token_means(args)
     questions = load_questions(args.data, args.limit)
-    retriever = CorpusRetriever.for_corpus("wiki", "minilm", device=args.device, progress=False)
+    if args.passages:  # saved for at least these questions, in the same order
+        top1 = json.loads(Path(args.passages).read_text())[: len(questions)]
+    else:
+        top1 = top_passages(args, questions)
+    if args.save_passages:
+        Path(args.save_passages).write_text(json.dumps(top1))
+        return
     reader = LocalReader("smollm2-135m", device=args.device)
-    comp = XragCompressor(embedder="minilm", vector_index=retriever.index, device=args.device,
-                          encode_missing=False)
     tok, table = reader.lm.tokenizer, input_embeddings(reader.lm.model).weight.detach().float().cpu()
     token_norm = float(table.norm(dim=1).mean())
 
@@ -61,13 +72,13 @@ def main() -> None:
         names.append("projector trained on token means")
     contexts: dict[str, list[object]] = {name: [] for name in names}
     hits = 0
-    for q in questions:
-        (p,) = retriever.retrieve(q.question, 1)
+    for q, row in zip(questions, top1, strict=True):
+        p = Passage(row["id"], row["text"])
         hits += contains_answer(p.text, q.answers)
         ids = tok(p.text, add_special_tokens=False)["input_ids"]
         contexts["no retrieval"].append(None)
         contexts["full text"].append(p.text)
-        contexts["xrag"].append(EmbeddingContext(p.text, comp.project(comp.document_embeddings([p]))))
+        contexts["xrag"].append(EmbeddingContext(p.text, np.asarray([row["xrag"]], dtype=np.float32)))
         contexts["oracle: token mean"].append(EmbeddingContext(p.text, mean_of(ids)))
         contexts["oracle: first 16 tokens"].append(EmbeddingContext(p.text, mean_of(ids[:16])))
         if trained is not None:
@@ -89,6 +100,19 @@ def main() -> None:
         print(f"| {name} | {em:.1f}% | {f1:.1f}% | {acc:.1f}% |", flush=True)
 
 
+def top_passages(args: argparse.Namespace, questions: list) -> list[dict]:
+    """Each question's top-1 passage by the MiniLM retriever, with its xrag vector (shipped projector)."""
+    retriever = CorpusRetriever.for_corpus("wiki", "minilm", device=args.device, progress=False)
+    comp = XragCompressor(embedder="minilm", vector_index=retriever.index, device=args.device,
+                          encode_missing=False)
+    out = []
+    for q in questions:
+        (p,) = retriever.retrieve(q.question, 1)
+        vector = comp.project(comp.document_embeddings([p]))[0]
+        out.append({"id": p.id, "text": p.text, "xrag": vector.tolist()})
+    return out
+
+
 def train_on_token_means(args: argparse.Namespace) -> None:
     """`ragcomp.train.xrag.train` with each document's vector replaced by the unit-length mean of
     the reader's input embeddings of its tokens (one document per question: no neighbour search)."""
@@ -99,25 +123,28 @@ def train_on_token_means(args: argparse.Namespace) -> None:
     lm = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
     table = input_embeddings(lm.model).weight.detach().float()
     means = {}
-    for p in load_corpus("wiki"):
+    for p in load_corpus(args.corpus):
         v = table[torch.tensor(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"] or [0])].mean(0)
         means[p.id] = (v / v.norm()).numpy()
-    build = CorpusRetriever.for_corpus.__func__  # type: ignore[attr-defined]
 
-    def for_corpus(cls: type, *a: object, **k: object) -> CorpusRetriever:
-        retriever = build(cls, *a, **k)
-        retriever.index.vectors = lambda ids: np.stack([means[i] for i in ids])  # type: ignore[method-assign]
-        return retriever
+    class Index:  # what train() reads of the retriever: the documents' vectors (no search at max_docs=1)
+        def vectors(self, ids: list[str]) -> np.ndarray:
+            return np.stack([means[i] for i in ids])
 
-    CorpusRetriever.for_corpus = classmethod(for_corpus)  # type: ignore[method-assign,assignment]
+    class Stub:
+        index = Index()
+
+    build = CorpusRetriever.for_corpus
+    CorpusRetriever.for_corpus = classmethod(lambda cls, *a, **k: Stub())  # type: ignore[method-assign,assignment]
     try:
         report = xrag_train.train(
-            args.train_oracle, stage="both", device=args.device, steps1=100000, steps2=100000, batch_size=64,
+            args.train_oracle, stage="both", corpus=args.corpus, device=args.device, steps1=100000,
+            steps2=100000, batch_size=64,
             lr1=1e-3, lr2=3e-4, max_docs=1, exclude_qa=[args.data], questions=args.questions,
             max_seconds_per_stage=args.seconds_per_stage, max_file_questions=8000, overwrite=True,
             embedder_name="smollm2-135m token mean", progress=False)
     finally:
-        CorpusRetriever.for_corpus = classmethod(build)  # type: ignore[method-assign,assignment]
+        CorpusRetriever.for_corpus = build  # type: ignore[method-assign]
     print({k: {kk: v[kk] for kk in ("steps", "dev_loss_before", "dev_loss_after")}
            for k, v in report["stages"].items()}, flush=True)
 
