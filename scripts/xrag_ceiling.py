@@ -62,8 +62,7 @@ def main() -> None:
     token_norm = float(table.norm(dim=1).mean())
 
     def mean_of(ids: list[int]) -> np.ndarray:
-        v = table[torch.tensor(ids)].mean(0)
-        return (v * token_norm / v.norm()).numpy()[None]
+        return unit_token_mean(table, ids)[None] * token_norm
 
     names = ["no retrieval", "full text", "xrag", "oracle: token mean", "oracle: first 16 tokens"]
     trained = None
@@ -82,7 +81,7 @@ def main() -> None:
         contexts["oracle: token mean"].append(EmbeddingContext(p.text, mean_of(ids)))
         contexts["oracle: first 16 tokens"].append(EmbeddingContext(p.text, mean_of(ids[:16])))
         if trained is not None:
-            unit = torch.from_numpy(mean_of(ids) / token_norm).to(args.device)
+            unit = torch.from_numpy(unit_token_mean(table, ids)[None]).to(args.device)
             with torch.no_grad():
                 vec = trained(unit).float().cpu().numpy()
             contexts["projector trained on token means"].append(EmbeddingContext(p.text, vec))
@@ -98,6 +97,12 @@ def main() -> None:
                   for a, q in zip(preds, questions, strict=True)]
         em, f1, acc = (100 * float(np.mean(col)) for col in zip(*scores, strict=True))
         print(f"| {name} | {em:.1f}% | {f1:.1f}% | {acc:.1f}% |", flush=True)
+
+
+def unit_token_mean(table: torch.Tensor, ids: list[int]) -> np.ndarray:
+    """The unit-length mean of the input embeddings (`table` rows) of `ids` (row 0 for no ids)."""
+    v = table[torch.tensor(ids or [0])].mean(0)
+    return (v / v.norm()).numpy()
 
 
 def top_passages(args: argparse.Namespace, questions: list) -> list[dict]:
@@ -122,10 +127,8 @@ def train_on_token_means(args: argparse.Namespace) -> None:
 
     lm = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
     table = input_embeddings(lm.model).weight.detach().float()
-    means = {}
-    for p in load_corpus(args.corpus):
-        v = table[torch.tensor(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"] or [0])].mean(0)
-        means[p.id] = (v / v.norm()).numpy()
+    means = {p.id: unit_token_mean(table, lm.tokenizer(p.text, add_special_tokens=False)["input_ids"])
+             for p in load_corpus(args.corpus)}
 
     class Index:  # what train() reads of the retriever: the documents' vectors (no search at max_docs=1)
         def vectors(self, ids: list[str]) -> np.ndarray:
@@ -134,7 +137,7 @@ def train_on_token_means(args: argparse.Namespace) -> None:
     class Stub:
         index = Index()
 
-    build = CorpusRetriever.for_corpus
+    build = CorpusRetriever.__dict__["for_corpus"]  # the classmethod itself, restored as it was
     CorpusRetriever.for_corpus = classmethod(lambda cls, *a, **k: Stub())  # type: ignore[method-assign,assignment]
     try:
         report = xrag_train.train(
