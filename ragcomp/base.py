@@ -141,10 +141,9 @@ class Compressor(ABC):
         return self.counter.count(self.separator.join(p.text for p in passages)) if passages else 0
 
     def _result(self, passages: list[Passage], items: list[Compressed], seconds: float,
-                tokens_in: int | None = None) -> CompressionResult:
+                tokens_in: int) -> CompressionResult:
         counter = self.counter
         context = self.build_context(items)
-        tokens_in = self._count_input(passages) if tokens_in is None else tokens_in
         tokens_out = counter.count(context) if context else 0
         stats = StepStats(self.name, tokens_in, tokens_out, seconds, counter.name)
         empty = not any(c.kept for c in items)

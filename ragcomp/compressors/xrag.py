@@ -178,7 +178,7 @@ class XragCompressor(Compressor):
         return items
 
     def _result(self, passages: list[Passage], items: list[Compressed], seconds: float,
-                tokens_in: int | None = None) -> CompressionResult:
+                tokens_in: int) -> CompressionResult:
         res = super()._result(passages, items, seconds, tokens_in)
         vecs = [c.embedding for c in items if c.kept and isinstance(c, XragCompressed)]
         matrix = np.stack(vecs) if vecs else np.zeros((0, self.hidden_size), dtype=np.float32)
