@@ -47,35 +47,55 @@ def random_model(shape: str, device: Any) -> tuple[Any, Any]:
     return model, cfg
 
 
-def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+def gpu_bench_device(name: str | None) -> Any:
+    """The torch device a GPU bench runs on: CUDA by default, another device only as a dry run."""
+    import torch
+
+    dev = torch.device(name or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--part gpu needs a CUDA device (or --device cpu for a dry run)")
+    return dev
+
+
+def synced_median(fn: Any, repeat: int, device: Any) -> tuple[float, Any]:
+    """(median seconds of `fn()` over `repeat` calls after one warm-up call, its last output), the
+    device synchronised around each call so that the time covers the work, not its launch."""
     import torch
 
     from ragcomp.bench.kv import _median
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out = fn()  # warm-up (kernels, allocator)
+    sync()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return _median(times), out
+
+
+def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
     from ragcomp.kv.codec import ChunkKV, quantize
     from ragcomp.kv.engine import KVEngine
     from ragcomp.kv.tiers import TensorLRU
 
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--part gpu needs a CUDA device (or --device cpu for a dry run)")
+    dev = gpu_bench_device(args.device)
     on_gpu = dev.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     contexts = [int(x) for x in args.contexts.split(",")]
     rows = []
     chunk_len, q_len, p_len = 512, 32, 32
     g = torch.Generator().manual_seed(0)
 
     def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-        out = fn()  # warm-up (kernels, allocator)
-        sync()
-        times = []
-        for _ in range(repeat):
-            sync()
-            t = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return _median(times), out
+        return synced_median(fn, repeat, dev)
 
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         model, cfg = random_model(shape, dev)

@@ -25,6 +25,7 @@ from typing import Any
 
 from ragcomp.bench import print_table, standalone_main
 from ragcomp.bench.kv import QA_DEFAULT, _median, random_model
+from ragcomp.bench.kv_gpu import gpu_bench_device, synced_median
 from ragcomp.bench.pages_docs import _load_items, build_document, text_chunks
 
 
@@ -227,26 +228,11 @@ def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from ragcomp.kv.engine import KVEngine
 
-    dev = torch.device(args.device or "cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--part gpu needs a CUDA device (or --device cpu for a dry run)")
+    dev = gpu_bench_device(args.device)
     on_gpu = dev.type == "cuda"
 
-    def sync() -> None:
-        if on_gpu:
-            torch.cuda.synchronize()
-
     def timed(fn: Any) -> tuple[float, Any]:
-        out = fn()  # warm-up
-        sync()
-        times = []
-        for _ in range(args.repeat):
-            sync()
-            t = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return _median(times), out
+        return synced_median(fn, args.repeat, dev)
 
     g = torch.Generator().manual_seed(args.seed)
     q_len, p_len, rows = 32, 32, []
