@@ -41,7 +41,7 @@ def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixt
         row = re.search(rf"\| provence\.{name} +\| ([\d.]+) +\| ([\d.]+) ", out)
         assert row is not None, name
         assert float(row.group(1)) == 1.0 and float(row.group(2)) > 0  # one call per question, timed
-    # The cached row next to the cold ones, and it hits: every timed passage was seen in its warm-up.
+    # The prepared row next to the cold ones, and it hits: every timed passage was prepared ahead.
     rows = {r["compressor"]: r for r in json.loads(report.read_text())["latency"]}
     assert rows["ragcomp provence fast (float32)"]["cache_hits"] == 0.0
-    assert rows["ragcomp provence fast (float32) warm cache"]["cache_hits"] == 1.0
+    assert rows["ragcomp provence fast (float32) corpus prepared"]["cache_hits"] == 1.0

@@ -128,6 +128,38 @@ def test_passage_cache_reuses_text_work_and_changes_no_score(tok) -> None:
     assert len(warm.passage_cache) == 1
 
 
+def test_prepared_passages_skip_tokenising_and_change_no_score(tok) -> None:
+    net = _tiny_provence()
+    passages = [Passage(str(i), " ".join(SENTENCES[i:] + SENTENCES[:i])) for i in range(3)]
+    cold = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, passage_cache=0)
+    prepared = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, passage_cache=4)
+    # A duplicate (here as a plain string) counts once, an empty text is fine; 2 texts per tokenizer call.
+    assert prepared.prepare([*passages, passages[0].text, ""], batch_size=2) == 4
+    assert prepared.prepare(p for p in passages[:1]) == 1  # any iterable
+    assert (prepared.passage_cache.hits, prepared.passage_cache.misses) == (0, 0)
+    ref, got = cold.score(QUERY, passages), prepared.score(QUERY, passages)
+    assert (prepared.passage_cache.hits, prepared.passage_cache.misses) == (3, 0)
+    for a, b in zip(ref, got, strict=True):
+        assert a.ranking == b.ranking and a.windows == b.windows and a.sentences == b.sentences
+        assert np.array_equal(a.token_probs, b.token_probs)
+        assert np.array_equal(a.sentence_scores, b.sentence_scores)
+    assert prepared.prepare([]) == 0
+
+
+def test_prepare_refuses_what_the_cache_cannot_hold_and_single_items(tok) -> None:
+    net = _tiny_provence()
+    comp = ProvenceCompressor(net, encoder_tokenizer=tok, window=48, passage_cache=2)
+    with pytest.raises(ValueError, match=r"3 distinct passages do not fit passage_cache=2"):
+        comp.prepare(SENTENCES[:3])
+    with pytest.raises(ValueError, match=r"passage_cache=0"):
+        ProvenceCompressor(net, encoder_tokenizer=tok, passage_cache=0).prepare(["one passage"])
+    with pytest.raises(TypeError, match="not a single item"):
+        comp.prepare("a passage, not a list")
+    with pytest.raises(ValueError, match="batch_size"):
+        comp.prepare(["x"], batch_size=0)
+    assert len(comp.passage_cache) == 0  # nothing half-done
+
+
 def test_launch_groups_are_balanced_and_cover_every_passage_once() -> None:
     assert launch_groups(0, 16) == []
     assert [len(g) for g in launch_groups(20, 16)] == [10, 10]

@@ -16,9 +16,9 @@ table times the CPU-side steps alone (tokenising, windows, sentences, batch arra
 
 Passages are cut one after another from the joined corpus, `--words` words each: no passage comes
 back, in the timed questions or between them and the warm-up ones. Every row is cold: the
-compressor's passage cache is off. One extra row (`... warm cache`, the last path) keeps the cache
-on and warms up on the timed questions themselves: its timed pass sees passages already tokenised
-and split, as a corpus whose passages come back would.
+compressor's passage cache is off. One extra row (`... corpus prepared`, the last path) warms up
+like the others, then `prepare`s the timed questions' passages, as a user does for a corpus: its
+timed questions are new, their passages already tokenised and split.
 
 `--profile N` then records N questions of each path under torch.profiler and prints, per question,
 the CPU and GPU (CUDA) time of the compressor's named ranges (provence.tokenize, .windows,
@@ -188,15 +188,13 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
     model = ProvenceModel(config).to(dev, dtype).eval()
     label = str(dtype).split(".")[-1]
     rows, reference = [], None
-    # Cold rows (no passage cache), then the last path again with the cache on (warm), holding
-    # every timed passage (an LRU smaller than the passages cycled through in order hits nothing).
-    warm_cache = len(items) * args.passages
-    for path, cache in [(p, 0) for p in paths] + [(paths[-1], warm_cache)]:
-        name = f"ragcomp provence {path} ({label}){' warm cache' if cache else ''}"
+    # Cold rows (no passage cache), then the last path again with the timed passages prepared
+    # ahead (`prepare`, as for a corpus), in a cache that holds them all.
+    prepared_cache = len(items) * args.passages
+    for path, cache in [(p, 0) for p in paths] + [(paths[-1], prepared_cache)]:
+        name = f"ragcomp provence {path} ({label}){' corpus prepared' if cache else ''}"
         try:
-            # The warm-cache row warms up on the timed questions themselves: passages seen before.
-            row, probs = _provence_row(model, tok, args, path, cache, items, items if cache else warm,
-                                       sync, name)
+            row, probs = _provence_row(model, tok, args, path, cache, items, warm, sync, name)
         except Exception as e:  # one failing path (e.g. flex without Triton) must not lose the others
             print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             failed = _row(f"{name} FAILED: {type(e).__name__}: {str(e)[:120]}", [0.0], args)
@@ -229,6 +227,8 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
     for it in warm:  # kernels, allocator, one CUDA graph (and compile) per shape
         comp.compress(*it)
     warmup_s = time.perf_counter() - t0
+    if cache:  # the timed questions are new; their passages were prepared like a corpus
+        comp.prepare(p for _, ps in items for p in ps)
     before = n_graphs()
     lookups = comp.passage_cache.hits, comp.passage_cache.misses
     times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)

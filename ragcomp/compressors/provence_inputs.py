@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ragcomp.compressors.graphed import round_up
-from ragcomp.text import Sentence
+from ragcomp.text import Sentence, split_sentences
 
 
 @dataclass
@@ -35,6 +35,29 @@ class PassageWork:
     token_sentence: np.ndarray  # the sentence each token belongs to, -1 for none
 
 
+def passage_windows(query_ids: list[int], passage_ids: list[int], size: int, stride: int | None,
+                    cls_id: int | None, sep_id: int | None) -> list[Window]:
+    """`[CLS] query [SEP] passage[lo:hi] [SEP]` windows of at most `size` tokens covering the passage;
+    consecutive windows share `stride` passage tokens (None: a quarter of the room)."""
+    if cls_id is None or sep_id is None:
+        raise ValueError("the encoder's tokenizer needs [CLS] and [SEP] (input: [CLS] q [SEP] p [SEP])")
+    q = query_ids[: size // 2]  # a long query never leaves the passage less than half the window
+    head = [cls_id, *q, sep_id]
+    room = size - len(head) - 1
+    overlap = room // 4 if stride is None else min(stride, room - 1)
+    step = max(1, room - overlap)
+    out, lo, n_tokens = [], 0, len(passage_ids)
+    while lo < n_tokens:
+        hi = min(lo + room, n_tokens)
+        ids = [*head, *passage_ids[lo:hi], sep_id]
+        types = [0] * len(head) + [1] * (hi - lo + 1)
+        out.append(Window(ids, types, lo, hi, len(head)))
+        if hi == n_tokens:
+            break
+        lo += step
+    return out
+
+
 class PassageCache:
     """Bounded LRU of `PassageWork` by passage text, for one tokenizer (a new one empties it).
 
@@ -49,11 +72,19 @@ class PassageCache:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
+    def bind(self, tokenizer: Any) -> None:
+        """Hold work of `tokenizer` from now on (another tokenizer's entries are dropped)."""
+        with self._lock:
+            self._bind_locked(tokenizer)
+
+    def _bind_locked(self, tokenizer: Any) -> None:
+        if tokenizer is not self._tokenizer:
+            self._items.clear()
+            self._tokenizer = tokenizer
+
     def get(self, tokenizer: Any, text: str) -> PassageWork | None:
         with self._lock:
-            if tokenizer is not self._tokenizer:
-                self._items.clear()
-                self._tokenizer = tokenizer
+            self._bind_locked(tokenizer)
             work = self._items.get(text)
             if work is None:
                 self.misses += 1
@@ -89,6 +120,20 @@ def encode_texts(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]
         return [e.ids for e in encodings], [e.offsets for e in encodings]
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return enc["input_ids"], enc["offset_mapping"]
+
+
+def prepare_passages(cache: PassageCache, tok: Any, lock: Any, texts: list[str], batch_size: int) -> None:
+    """Token ids, sentences and the sentence of each token of `texts` into `cache`, tokenised
+    `batch_size` texts per call under the tokenizer's `lock`: the same work a question does for a
+    passage it has not seen, done ahead."""
+    cache.bind(tok)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        with lock:
+            ids, offsets = encode_texts(tok, chunk)
+        for text, text_ids, offs in zip(chunk, ids, offsets, strict=True):
+            sents = split_sentences(text)
+            cache.put(tok, text, PassageWork(text_ids, sents, token_sentences(sents, offs)))
 
 
 def encode_ids(tok: Any, texts: list[str]) -> list[list[int]]:

@@ -318,3 +318,11 @@ def _load_state(model: ProvenceModel, state: dict[str, Any], folder: Path) -> No
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"weights in {folder} do not match the model: missing {result.missing_keys[:8]}, "
                          f"unexpected {result.unexpected_keys[:8]}")
+
+
+def encoder_tokenizer_for(name_or_path: str, net: ProvenceModel) -> Any:
+    """The encoder's tokenizer from a folder or hub id. Passing the backbone's config keeps
+    AutoTokenizer from reading config.json: the published one has an auto_map to remote code,
+    which would prompt for trust_remote_code."""
+    return transformers.AutoTokenizer.from_pretrained(name_or_path, config=net.backbone_config,
+                                                      trust_remote_code=False)
