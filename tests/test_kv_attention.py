@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from ragcomp.hf_cache import cache_arg  # noqa: E402
 from ragcomp.kv.attention import folded_attention, folded_sdpa, growing_layer_class  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +46,7 @@ def test_folded_sdpa_equals_repeated_kv(q_len: int) -> None:
 def _cache_after(lm, ids, layer=None, room=0):
     cache = transformers.DynamicCache()
     with torch.inference_mode():
-        lm.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        lm.model(input_ids=torch.tensor([ids]), **cache_arg(lm.model, cache), use_cache=True)
     if layer is None:
         return cache
     grown = transformers.DynamicCache()
@@ -72,15 +73,17 @@ def test_question_over_cached_context_same_logits(lm) -> None:
     with torch.inference_mode():
         stock = _cache_after(lm, ctx)
         q_ids = torch.tensor([question])
-        want = lm.model(input_ids=q_ids, past_key_values=stock, position_ids=positions).logits
-        want_steps = [lm.model(input_ids=torch.tensor([[t]]), past_key_values=stock).logits for t in steps]
+        want = lm.model(input_ids=q_ids, **cache_arg(lm.model, stock), position_ids=positions).logits
+        want_steps = [lm.model(input_ids=torch.tensor([[t]]), **cache_arg(lm.model, stock)).logits
+                      for t in steps]
         grown = _cache_after(lm, ctx, growing_layer_class(), room=len(question) + 1)
         buffer = grown.layers[0]._kbuf
         with folded_attention(lm.model):
             assert lm.model.config._attn_implementation != "sdpa"
-            got = lm.model(input_ids=q_ids, past_key_values=grown, position_ids=positions).logits
+            got = lm.model(input_ids=q_ids, **cache_arg(lm.model, grown), position_ids=positions).logits
             assert grown.layers[0].keys.data_ptr() == buffer.data_ptr()  # written into the room
-            got_steps = [lm.model(input_ids=torch.tensor([[t]]), past_key_values=grown).logits for t in steps]
+            got_steps = [lm.model(input_ids=torch.tensor([[t]]), **cache_arg(lm.model, grown)).logits
+                         for t in steps]
     assert lm.model.config._attn_implementation == "sdpa"  # switched back
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for a, b in zip(got_steps, want_steps, strict=True):

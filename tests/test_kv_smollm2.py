@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from ragcomp.hf_cache import cache_arg  # noqa: E402
 from ragcomp.kv import KVCache, KVEngine  # noqa: E402
 from ragcomp.stores import MemoryStore  # noqa: E402
 from ragcomp.types import Passage  # noqa: E402
@@ -72,7 +73,7 @@ def test_moved_chunk_matches_direct_encoding_at_that_offset(kv: KVCache, shift: 
     direct = eng.make_cache()
     with torch.inference_mode():
         eng.decoder(input_ids=torch.tensor([prefix.ids + ids]),
-                    position_ids=torch.arange(shift, shift + n_p + n)[None], past_key_values=direct,
+                    position_ids=torch.arange(shift, shift + n_p + n)[None], **cache_arg(eng.decoder, direct),
                     use_cache=True)
     ref = eng.prefill(direct, q, shift + n_p + n)
     # moved: stored KV rotated by `shift`

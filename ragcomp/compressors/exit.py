@@ -44,6 +44,7 @@ from ragcomp.compressors.exit_prompt import (
     load_with_adapter,
     prompt_units,
 )
+from ragcomp.hf_cache import cache_arg, returned_cache
 from ragcomp.models import CausalLM, load_causal_lm
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -250,8 +251,9 @@ class ExitCompressor(Compressor):
         for u in units:
             rest = torch.tensor([u.prefix[shared:]], device=dev)
             pos = torch.arange(shared, len(u.prefix), device=dev).unsqueeze(0)
-            caches.append(dec(input_ids=rest, position_ids=pos, use_cache=True,
-                              past_key_values=_view_cache(base.past_key_values, 1)).past_key_values)
+            out = dec(input_ids=rest, position_ids=pos, use_cache=True,
+                      **cache_arg(dec, _view_cache(returned_cache(base), 1)))
+            caches.append(returned_cache(out))
         if not _custom_masks(model):
             # Kernels without custom masks (flash attention): padded batches, one unit at a time.
             return [self._padded(u, c) for u, c in zip(units, caches, strict=True)]
@@ -279,7 +281,7 @@ class ExitCompressor(Compressor):
             cache = _concat_caches([caches[ui] for ui in owners])
             hidden = dec(input_ids=torch.tensor([ids], device=dev),
                          attention_mask=_additive_mask(allowed[None], dtype, dev),
-                         position_ids=torch.tensor([pos], device=dev), past_key_values=cache,
+                         position_ids=torch.tensor([pos], device=dev), **cache_arg(dec, cache),
                          use_cache=True).last_hidden_state[0]
             probs.append(self._yes_prob(hidden[torch.tensor(last, device=hidden.device)]))
         flat = np.concatenate(probs).astype(np.float32)
@@ -334,7 +336,7 @@ class ExitCompressor(Compressor):
                 ids[i, : len(r)] = torch.tensor(r)
             pos = torch.arange(n_pre, n_pre + width).unsqueeze(0).expand(n, width)
             hidden = dec(input_ids=ids.to(dev), position_ids=pos.to(dev),
-                         past_key_values=_view_cache(cache, n), use_cache=True).last_hidden_state
+                         **cache_arg(dec, _view_cache(cache, n)), use_cache=True).last_hidden_state
             last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
             probs.append(self._yes_prob(hidden[torch.arange(n, device=hidden.device), last]))
         return np.concatenate(probs)

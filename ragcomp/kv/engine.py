@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragcomp._optional import require
+from ragcomp.hf_cache import cache_arg
 from ragcomp.kv.attention import folded_attention, growing_layer_class
 from ragcomp.kv.codec import ChunkKV, quantize
 from ragcomp.kv.fingerprint import chunk_fingerprint, ids_hash, model_fingerprint
@@ -167,7 +168,7 @@ class KVEngine:
         torch = self.torch
         with self.lock, torch.inference_mode():
             cache = self.make_cache()
-            self.decoder(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+            self.decoder(input_ids=torch.tensor([ids], device=self.device), **cache_arg(self.decoder, cache),
                          position_ids=self._positions(0, len(ids)), use_cache=True)
             k, v = self._stack(cache, 0, 0, len(ids))
         return ChunkKV(ids, k, v, 0, self.fingerprint([], ids, "native"), "native")
@@ -205,7 +206,7 @@ class KVEngine:
                 # Right padding: real tokens never attend to pads; one row needs no mask at all.
                 self.decoder(input_ids=ids, attention_mask=None if len(rows) == 1 else mask,
                              position_ids=self._positions(base, width, len(rows)),
-                             past_key_values=cache, use_cache=True)
+                             **cache_arg(self.decoder, cache), use_cache=True)
                 for r, i in enumerate(rows):
                     k, v = self._stack(cache, r, plen, plen + lens[r])
                     qk, qv, ks, vs = quantize(k, v, self.storage)
@@ -306,7 +307,8 @@ class KVEngine:
     def _next_logits(self, cache: Any, ids: Sequence[int], start: int) -> Any:
         torch = self.torch
         with folded_attention(self.model, self.fold):
-            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), past_key_values=cache,
+            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
+                             **cache_arg(self.model, cache),
                              position_ids=self._positions(start, len(ids)), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 

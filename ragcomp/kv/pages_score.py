@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ragcomp._optional import require
+from ragcomp.hf_cache import cache_arg
 from ragcomp.kv.codec import ChunkKV, quantize
 from ragcomp.kv.engine import KVEngine, _rotate_into, _StopForward
 from ragcomp.kv.fingerprint import chunk_fingerprint, ids_hash
@@ -83,7 +84,8 @@ def encode_document(engine: KVEngine, prefix: ChunkKV, doc_ids: Sequence[int], p
         cache = engine.make_cache(pk.to(engine.device), pv.to(engine.device))
         for s in range(0, len(doc_ids), prefill_chunk):
             part = doc_ids[s : s + prefill_chunk]
-            engine.decoder(input_ids=torch.tensor([part], device=engine.device), past_key_values=cache,
+            engine.decoder(input_ids=torch.tensor([part], device=engine.device),
+                           **cache_arg(engine.decoder, cache),
                            position_ids=engine._positions(plen + s, len(part)), use_cache=True)
         return engine._stack(cache, 0, plen, total)
 
@@ -147,7 +149,8 @@ def question_queries(engine: KVEngine, prefix: ChunkKV, ids: Sequence[int], laye
         hooks.append(engine.decoder.layers[max(layers)].register_forward_hook(_stop))
         try:
             cache = engine.make_cache(pk.to(engine.device), pv.to(engine.device))
-            engine.decoder(input_ids=torch.tensor([ids], device=engine.device), past_key_values=cache,
+            engine.decoder(input_ids=torch.tensor([ids], device=engine.device),
+                           **cache_arg(engine.decoder, cache),
                            position_ids=engine._positions(len(prefix), len(ids)), use_cache=True)
         except _StopForward:
             pass

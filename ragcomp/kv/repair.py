@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ragcomp.hf_cache import cache_arg
+
 if TYPE_CHECKING:  # engine imports this module; only type hints go the other way
     from ragcomp.kv.engine import Assembled, KVEngine
 
@@ -124,7 +126,8 @@ def _deviation(engine: KVEngine, asm: Assembled, cand: list[int]) -> Any:
     with engine.lock, torch.inference_mode():
         handle = engine.decoder.layers[1].register_forward_hook(stop)
         try:
-            engine.decoder(input_ids=torch.tensor([asm.ids], device=engine.device), past_key_values=cache,
+            engine.decoder(input_ids=torch.tensor([asm.ids], device=engine.device),
+                           **cache_arg(engine.decoder, cache),
                            position_ids=engine._positions(0, len(asm.ids)), use_cache=True)
         except _StopForward:
             pass
@@ -193,7 +196,7 @@ def recompute(engine: KVEngine, asm: Assembled, positions: Sequence[int]) -> Non
     with engine.lock, torch.inference_mode():
         cache = engine.make_cache(asm.keys, asm.values)
         engine.decoder(input_ids=ids, position_ids=sel[None], attention_mask=mask,
-                       past_key_values=cache, use_cache=True)
+                       **cache_arg(engine.decoder, cache), use_cache=True)
         for i in range(engine.num_layers):
             asm.keys[i][:, sel] = cache.layers[i].keys[0, :, total:]
             asm.values[i][:, sel] = cache.layers[i].values[0, :, total:]
