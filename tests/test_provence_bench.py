@@ -45,3 +45,17 @@ def test_profile_prints_every_range_once_per_question(capsys: pytest.CaptureFixt
     rows = {r["compressor"]: r for r in json.loads(report.read_text())["latency"]}
     assert rows["ragcomp provence fast (float32)"]["cache_hits"] == 0.0
     assert rows["ragcomp provence fast (float32) corpus prepared"]["cache_hits"] == 1.0
+    # 60-word passages give windows far under 256 tokens: every question is on the narrow side.
+    cold = rows["ragcomp provence fast (float32)"]
+    assert cold["wide_share"] == 0.0 and cold["p50_ms_wide"] is None
+    assert cold["p50_ms_narrow"] == cold["p50_ms"]
+
+
+def test_width_split_gives_the_p50_on_each_side_of_the_wide_step() -> None:
+    times = [0.010, 0.012, 0.015, 0.016, 0.011]
+    widths = [240, 256, 272, 304, 224]
+    split = prune_gpu.width_split(times, widths)
+    assert split == {"wide_share": 0.4, "p50_ms_narrow": 11.0, "p50_ms_wide": 15.5}
+    assert prune_gpu.width_split(times, widths, limit=400)["p50_ms_wide"] is None
+    with pytest.raises(ValueError, match="5 times for 2 widths"):
+        prune_gpu.width_split(times, widths[:2])

@@ -234,6 +234,7 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
     times = _time(lambda it, c=comp: c.compress(it[0], it[1]), items, sync)
     hits, misses = comp.passage_cache.hits - lookups[0], comp.passage_cache.misses - lookups[1]
     row = _row(name, times, args)
+    row.update(width_split(times, _widest_windows(comp, items)))
     row["warmup_s"] = round(warmup_s, 2)
     row["cache_hits"] = round(hits / max(hits + misses, 1), 3)  # share of timed passages seen before
     probs = np.concatenate([s.token_probs for s in comp.score(*items[0])])
@@ -243,6 +244,38 @@ def _provence_row(model: Any, tok: Any, args: argparse.Namespace, path: str, cac
     row["graphs_in_timed"] = None if before is None else n_graphs() - before
     row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_gpu else None
     return row, probs
+
+
+# cuDNN's flash attention takes query tiles of 128 rows: a batch wider than 256 tokens runs a third
+# tile per layer (about 1.7 ms more for DeBERTa-v3-large at 20 passages on an H100), so a p50 over
+# questions sits on one side of that step or the other depending on the share of wide questions.
+WIDE_TOKENS = 256
+
+
+def width_split(times: list[float], widths: list[int], limit: int = WIDE_TOKENS) -> dict[str, Any]:
+    """The share of questions whose widest window is over `limit` tokens, and the p50 (ms) of the
+    questions on each side (None for a side with no question)."""
+    if len(times) != len(widths):
+        raise ValueError(f"{len(times)} times for {len(widths)} widths")
+    sides = ([t for t, w in zip(times, widths, strict=True) if w <= limit],
+             [t for t, w in zip(times, widths, strict=True) if w > limit])
+    p50s = [round(statistics.median(side) * 1e3, 2) if side else None for side in sides]
+    return {"wide_share": round(len(sides[1]) / max(len(widths), 1), 3),
+            "p50_ms_narrow": p50s[0], "p50_ms_wide": p50s[1]}
+
+
+def _widest_windows(comp: Any, items: list[Any]) -> list[int]:
+    """Each question's widest window in tokens (what its batch is padded to, before bucketing)."""
+    from ragcomp.compressors.provence_inputs import encode_ids
+
+    net, tok, _ = comp._load()
+    size = comp._window_size(net, tok)
+    out = []
+    for q, passages in items:
+        ids = encode_ids(tok, [q, *passages])
+        out.append(max(len(w.input_ids) for p_ids in ids[1:]
+                       for w in comp.encode_windows(ids[0], p_ids, tok, size)))
+    return out
 
 
 def _compressor(model: Any, tok: Any, args: argparse.Namespace, path: str, cache: int) -> Any:
