@@ -3,6 +3,8 @@ test compares replayed and eager outputs). The compressor's CPU side: test_prove
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -42,11 +44,13 @@ def _padded_batch(lengths: list[int], width: int, vocab: int = 200) -> tuple[tor
     {"share_att_key": False, "pos_att_type": ["c2p"], "norm_rel_ebd": "none", "position_buckets": -1},
     {"pos_att_type": ["p2c"], "position_biased_input": True, "type_vocab_size": 2},
 ])
-# sdpa-compiled, flex: compiled by inductor (its C++ backend on CPU)
+# sdpa-compiled, flex: compiled by inductor (its C++ backend on CPU); flex with one head of 32, since
+# smaller CPU heads run unfused (test_small_cpu_heads_run_flex_unfused)
 @pytest.mark.parametrize("attention", ["sdpa", "sdpa-compiled", "flex"])
 def test_fast_encoder_equals_hf_at_unpadded_positions(overrides: dict, attention: str) -> None:
     torch.manual_seed(0)
-    model = transformers.DebertaV2Model(_v3_config(**overrides)).eval()
+    heads = {"num_attention_heads": 1} if attention == "flex" else {}
+    model = transformers.DebertaV2Model(_v3_config(**overrides, **heads)).eval()
     fast = FastDebertaV2Encoder(model, attention=attention)
     for lengths, width in (([40, 25, 3], 40), ([7], 7), ([60, 33], 64)):
         ids, mask = _padded_batch(lengths, width)
@@ -208,7 +212,8 @@ def test_fast_encoder_equals_hf_with_log_buckets_and_padding(device: str, attent
     # strided views and the padding column run through CUDA kernels (fp32 without TF32). flex:
     # compiled FlexAttention (inductor's C++ backend on CPU, Triton on CUDA), no materialised bias.
     torch.manual_seed(0)
-    heads = 2 if (device, attention) == ("cuda", "flex") else 4  # Triton's flex needs heads of >= 16
+    # flex: Triton needs heads of >= 16, the compiled CPU kernel >= 24 (else it runs unfused)
+    heads = {"cuda": 2, "cpu": 1}[device] if attention == "flex" else 4
     model = transformers.DebertaV2Model(_v3_config(position_buckets=256, max_position_embeddings=512,
                                                    num_attention_heads=heads))
     model = model.to(device).eval()
@@ -247,9 +252,32 @@ def test_graph_replay_equals_eager_on_cuda(fast: bool | str) -> None:
     assert set(run.graphs) == {(4, 64), (8, 32)}  # ([40,25,3], 40) and ([38,1], 38) share one graph
 
 
+def test_small_cpu_heads_run_flex_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Heads of 8: torch's compiled CPU flex kernel gives wrong values or NaN now and then; the
+    # unfused path must warn once and equal the materialised-bias SDPA path.
+    from ragcomp.compressors import deberta_flex
+
+    def no_compiled_kernel() -> None:
+        raise AssertionError("the compiled kernel must not run for heads of 8 on CPU")
+
+    monkeypatch.setattr(deberta_flex, "_warned_small_cpu_heads", False)
+    monkeypatch.setattr(deberta_flex, "compiled_flex_attention", no_compiled_kernel)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(_v3_config()).eval()  # 4 heads of 8
+    ids, mask = _padded_batch([40, 25, 3], 40)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="head size of 8 .below 24. runs unfused"):
+        flex = FastDebertaV2Encoder(model, attention="flex")(ids, mask, None)
+    with torch.no_grad():
+        sdpa = FastDebertaV2Encoder(model, attention="sdpa")(ids, mask, None)
+    assert float(((flex - sdpa).abs() * mask[..., None]).max()) <= 1e-5
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # once per process, not per call
+        FastDebertaV2Encoder(model, attention="flex")(ids, mask, None)
+
+
 def test_attention_choice_reaches_the_provence_model() -> None:
     torch.manual_seed(0)
-    net = ProvenceModel(_v3_config()).eval()
+    net = ProvenceModel(_v3_config(num_attention_heads=1)).eval()  # a head of 32: the compiled kernel
     ids, mask = _padded_batch([24, 11], 24)
     with torch.no_grad():
         flex, sdpa = net.encode(ids, mask, fast="flex"), net.encode(ids, mask, fast=True)

@@ -12,11 +12,17 @@ the same columns that `deberta_fast._skew`'s strided views read. FlexAttention r
 callers bucket their shapes (the CUDA-graph runner rounds width to 16 and batch to 2) and, for CUDA
 graphs, run it once before capture (GraphedForward's warm-up does). The first call per shape
 compiles (seconds to a minute).
+
+On CPU, heads smaller than 24 run eager (unfused) FlexAttention instead, with one warning: torch
+2.13's compiled C++ flex kernel returned wrong values or NaN, from call to call, for head sizes 8 and
+16 at lengths that are not a multiple of 64 (16 of 112 calls on an AVX2 AMD EPYC; none of 168 at
+head sizes 24, 32 and 64). Real checkpoints have heads of 64; the tiny test models have 8.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 from ragcomp._optional import require
@@ -59,6 +65,8 @@ def compiled_layer(layer_forward: Any) -> Any:
 
 
 _MIN_CUDA_HEAD_SIZE = 16
+_MIN_CPU_COMPILED_HEAD_SIZE = 24  # smaller ones: wrong results from the compiled CPU kernel (above)
+_warned_small_cpu_heads = False
 
 
 def relative_flex_attention(q: Any, k: Any, v: Any, c2p: Any, p2c: Any, key_bias: Any,
@@ -80,4 +88,21 @@ def relative_flex_attention(q: Any, k: Any, v: Any, c2p: Any, p2c: Any, key_bias
             score = score + p2c[h, b, j, n + i - j]
         return score
 
+    if not q.is_cuda and q.shape[-1] < _MIN_CPU_COMPILED_HEAD_SIZE:
+        return _eager_flex_attention(q, k, v, score_mod, scale)
     return compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0 / scale)
+
+
+def _eager_flex_attention(q: Any, k: Any, v: Any, score_mod: Any, scale: float) -> Any:
+    """Unfused FlexAttention (it materialises the scores): correct where the compiled CPU kernel is not."""
+    global _warned_small_cpu_heads
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _warned_small_cpu_heads:
+        _warned_small_cpu_heads = True
+        warnings.warn(f"FlexAttention on CPU with a head size of {q.shape[-1]} (below "
+                      f"{_MIN_CPU_COMPILED_HEAD_SIZE}) runs unfused: torch's compiled CPU kernel gives "
+                      "wrong results for such heads", RuntimeWarning, stacklevel=3)
+    with warnings.catch_warnings():  # "flex_attention called without torch.compile": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, score_mod=score_mod, scale=1.0 / scale)
