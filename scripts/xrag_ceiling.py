@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ragcomp.compressors.xrag import XragCompressor
-from ragcomp.compressors.xrag_context import EmbeddingContext
-from ragcomp.compressors.xrag_model import input_embeddings, load_projector
+from ragcomp.compressors.xrag.context import EmbeddingContext
+from ragcomp.compressors.xrag.model import input_embeddings, load_projector
 from ragcomp.eval.data import load_questions
 from ragcomp.eval.metrics import contains_answer, exact_match, f1_score
 from ragcomp.llm.local import LocalReader

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import ragcomp.compressors.exit as exit_mod  # noqa: E402
+import ragcomp.compressors.exit.compressor as exit_mod  # noqa: E402
 from ragcomp.compressors.exit import ExitCompressor  # noqa: E402
 from ragcomp.text import split_sentences  # noqa: E402
 from ragcomp.types import Passage  # noqa: E402

@@ -16,7 +16,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from ragcomp import Passage  # noqa: E402
 from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
-from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
+from ragcomp.compressors.provence.model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import split_sentences  # noqa: E402
 

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 from deberta_configs import QUERY, SENTENCES, _v3_config  # noqa: E402
 
 from ragcomp import Passage  # noqa: E402
-from ragcomp.compressors import provence as provence_module  # noqa: E402
 from ragcomp.compressors.provence import ProvenceCompressor  # noqa: E402
-from ragcomp.compressors.provence_inputs import (  # noqa: E402
+from ragcomp.compressors.provence import compressor as provence_module  # noqa: E402
+from ragcomp.compressors.provence.inputs import (  # noqa: E402
     PassageWork,
     Window,
     WindowFold,
@@ -27,7 +27,7 @@ from ragcomp.compressors.provence_inputs import (  # noqa: E402
     mean_by_sentence,
     sentence_means,
 )
-from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
+from ragcomp.compressors.provence.model import ProvenceModel  # noqa: E402
 from ragcomp.models import minilm_path  # noqa: E402
 from ragcomp.text import Sentence, split_sentences  # noqa: E402
 

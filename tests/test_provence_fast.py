@@ -11,19 +11,19 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ragcomp.compressors.deberta_fast import (  # noqa: E402
+from ragcomp.accel.deberta_fast import (  # noqa: E402
     FastDebertaV2Encoder,
     _skew,
     fast_encoder_for,
     unsupported_reason,
 )
-from ragcomp.compressors.graphed import (  # noqa: E402
+from ragcomp.accel.graphed import (  # noqa: E402
     GraphedForward,
     _pad_into,
     bucket_shape,
     pad_inputs,
 )
-from ragcomp.compressors.provence_model import ProvenceModel  # noqa: E402
+from ragcomp.compressors.provence.model import ProvenceModel  # noqa: E402
 
 build_relative_position = pytest.importorskip(
     "transformers.models.deberta_v2.modeling_deberta_v2").build_relative_position
@@ -255,7 +255,7 @@ def test_graph_replay_equals_eager_on_cuda(fast: bool | str) -> None:
 def test_small_cpu_heads_run_flex_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Heads of 8: torch's compiled CPU flex kernel gives wrong values or NaN now and then; the
     # unfused path must warn once and equal the materialised-bias SDPA path.
-    from ragcomp.compressors import deberta_flex
+    from ragcomp.accel import deberta_flex
 
     def no_compiled_kernel() -> None:
         raise AssertionError("the compiled kernel must not run for heads of 8 on CPU")
@@ -320,7 +320,7 @@ def test_fused_qkv_follows_the_projections_and_is_built_once() -> None:
 def test_gelu_epilogue_layer_equals_the_plain_layer_and_is_gated_to_exact_gelu() -> None:
     # On CPU `linear_gelu` is exact GELU after the GEMM, so the epilogue layer must equal the plain
     # one: it reads the FFN's own dense weight and bias and feeds HF's output module.
-    from ragcomp.compressors.deberta_fast import _layer_forward, linear_gelu
+    from ragcomp.accel.deberta_fast import _layer_forward, linear_gelu
 
     F = torch.nn.functional
     torch.manual_seed(0)

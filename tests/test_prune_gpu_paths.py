@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from ragcomp.accel import deberta_flex
 from ragcomp.bench import prune_gpu
-from ragcomp.compressors import deberta_flex
 
 SMALL = ["--small", "--device", "cpu", "--questions", "2", "--passages", "3", "--words", "40",
          "--skip-llmlingua"]

@@ -14,8 +14,8 @@ pytest.importorskip("safetensors")
 
 from ragcomp.base import TokenBudget  # noqa: E402
 from ragcomp.compressors.xrag import XragCompressor  # noqa: E402
-from ragcomp.compressors.xrag_context import EmbeddingContext  # noqa: E402
-from ragcomp.compressors.xrag_model import (  # noqa: E402
+from ragcomp.compressors.xrag.context import EmbeddingContext  # noqa: E402
+from ragcomp.compressors.xrag.model import (  # noqa: E402
     Projector,
     generate_with_embeddings,
     load_projector,
@@ -220,8 +220,8 @@ class TextOnlyReader(Reader):
 
 
 def test_text_only_reader_falls_back_once(projector_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ragcomp.compressors import xrag_context
     from ragcomp.compressors.xrag import answer_with_xrag
+    from ragcomp.compressors.xrag import context as xrag_context
 
     xrag_context._WARNED.clear()
     comp = XragCompressor(projector_dir, vector_index=_index(["a"]))

@@ -181,7 +181,7 @@ def _provence_rows(args: argparse.Namespace, config: Any, dtype: Any, paths: lis
                    warm: list[Any], tok: Any, sync: Any) -> list[dict[str, Any]]:
     import torch
 
-    from ragcomp.compressors.provence_model import ProvenceModel
+    from ragcomp.compressors.provence.model import ProvenceModel
 
     dev, on_gpu = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -266,7 +266,7 @@ def width_split(times: list[float], widths: list[int], limit: int = WIDE_TOKENS)
 
 def _widest_windows(comp: Any, items: list[Any]) -> list[int]:
     """Each question's widest window in tokens (what its batch is padded to, before bucketing)."""
-    from ragcomp.compressors.provence_inputs import encode_ids
+    from ragcomp.compressors.provence.inputs import encode_ids
 
     net, tok, _ = comp._load()
     size = comp._window_size(net, tok)
@@ -291,7 +291,7 @@ def _cpu_side(items: list[Any], warm: list[Any], tok: Any) -> list[dict[str, Any
     """The compressor's CPU-side steps per question on CUDA, each timed alone (median over the
     questions): the first three run before the launch, the fourth while the GPU computes."""
     from ragcomp.compressors.provence import ProvenceCompressor
-    from ragcomp.compressors.provence_inputs import (
+    from ragcomp.compressors.provence.inputs import (
         Window,
         add_offsets,
         batch_inputs,

@@ -23,7 +23,7 @@ def profile_paths(args: argparse.Namespace, config: Any, dtype: Any, paths: list
     from torch.profiler import ProfilerActivity, profile
 
     from ragcomp.bench.prune_gpu import _compressor
-    from ragcomp.compressors.provence_model import ProvenceModel
+    from ragcomp.compressors.provence.model import ProvenceModel
 
     on_gpu = args.device.startswith("cuda")
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ragcomp.compressors.xrag import XragCompressor
-    from ragcomp.compressors.xrag_model import placeholder_id, reader_prompt_ids, splice
+    from ragcomp.compressors.xrag.model import placeholder_id, reader_prompt_ids, splice
     from ragcomp.eval.data import load_questions
     from ragcomp.llm.local import LocalReader
     from ragcomp.models import default_device

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.base import Compressor
-from ragcomp.compressors.xrag_context import EmbeddingContext, note_text_fallback, reader_takes_embeddings
+from ragcomp.compressors.xrag.context import EmbeddingContext, note_text_fallback, reader_takes_embeddings
 from ragcomp.embeddings import CachedEmbedder
 from ragcomp.eval.data import Question, load_questions
 from ragcomp.eval.metrics import (

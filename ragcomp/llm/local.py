@@ -72,7 +72,7 @@ class LocalReader(Reader):
             for i, t in zip(text, texts, strict=True):
                 out[i] = clean_answer(t)
         if xrag:
-            from ragcomp.compressors.xrag_model import (
+            from ragcomp.compressors.xrag.model import (
                 generate_with_embeddings,
                 placeholder_id,
                 reader_prompt_ids,

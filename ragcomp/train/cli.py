@@ -204,7 +204,7 @@ def _train_xrag(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ragcomp._optional import require
-    from ragcomp.compressors.provence_model import _no_pooling
+    from ragcomp.compressors.provence.model import _no_pooling
     from ragcomp.models import resolve_model_path
 
     torch = require("torch", "models")

@@ -1,6 +1,6 @@
 """Train a Provence-style pruner+reranker on (question, passage, sentence labels) JSONL.
 
-Input layout and token labels follow `ragcomp.compressors.provence_model` and are built by the
+Input layout and token labels follow `ragcomp.compressors.provence.model` and are built by the
 compressor's own `encode_windows`, so training sees exactly what inference sees:
 `[CLS] query [SEP] passage[lo:hi] [SEP]` (token types 0 then 1). Label per token: [CLS], query and
 [SEP] 0; a passage token takes the label of the sentence holding its last character (the rule
@@ -152,7 +152,7 @@ def evaluate(net: Any, tok: Any, records: Sequence[dict[str, Any]], max_length: 
              threshold: float = 0.1, batch_size: int = 32) -> dict[str, Any]:
     """Dev metrics through the inference path (`ProvenceCompressor.score_batch`)."""
     from ragcomp.compressors.provence import ProvenceCompressor
-    from ragcomp.compressors.provence_inputs import sentence_means
+    from ragcomp.compressors.provence.inputs import sentence_means
 
     comp = ProvenceCompressor(model=net, encoder_tokenizer=tok, window=max_length, batch_size=batch_size)
     by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -282,7 +282,7 @@ def train(
     torch = require("torch", "models")
     transformers = require("transformers", "models")
     from ragcomp.compressors.provence import ProvenceCompressor
-    from ragcomp.compressors.provence_model import ProvenceModel
+    from ragcomp.compressors.provence.model import ProvenceModel
     from ragcomp.models import default_device, resolve_model_path
 
     _check_args(epochs, batch_size, lr, max_length, dev_fraction, warmup_ratio, keep_weight)

@@ -69,7 +69,7 @@ class _Trainer:
 
     def __init__(self, lm: Any, docs: list[Any], vectors: np.ndarray, neighbours: list[list[int]],
                  projector: Any, device: Any, max_target_tokens: int, max_answer_tokens: int) -> None:
-        from ragcomp.compressors.xrag_model import placeholder_id
+        from ragcomp.compressors.xrag.model import placeholder_id
 
         self.lm, self.docs, self.neighbours = lm, docs, neighbours
         self.projector, self.device = projector, device
@@ -85,14 +85,14 @@ class _Trainer:
         self.max_docs = 1
 
     def _student(self, ids: Any, mask: Any, vec_rows: list[int]) -> Any:
-        from ragcomp.compressors.xrag_model import splice
+        from ragcomp.compressors.xrag.model import splice
 
         projected = self.projector(self.vectors[vec_rows])
         embeds = splice(self.lm.model, ids, projected, self.pid, mask)
         return self.lm.model(inputs_embeds=embeds, attention_mask=mask).logits
 
     def paraphrase_loss(self, doc_idx: Sequence[int], rng: random.Random) -> Any:
-        from ragcomp.compressors.xrag_model import chat_with_placeholders
+        from ragcomp.compressors.xrag.model import chat_with_placeholders
 
         torch = require("torch", "models")
         rows = []
@@ -104,7 +104,7 @@ class _Trainer:
         return torch.nn.functional.cross_entropy(logits, gold)
 
     def distill_loss(self, examples: Sequence[QAExample], rng: random.Random, kl_weight: float) -> Any:
-        from ragcomp.compressors.xrag_model import reader_prompt_ids
+        from ragcomp.compressors.xrag.model import reader_prompt_ids
         from ragcomp.llm import system_prompt, user_prompt
 
         torch = require("torch", "models")
@@ -221,7 +221,7 @@ def train(
     local copies (e.g. "minilm" for an fp16 copy of MiniLM), so the compressor's checks match."""
     args = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "command"}
     torch = require("torch", "models")
-    from ragcomp.compressors.xrag_model import Projector, hidden_size, load_projector
+    from ragcomp.compressors.xrag.model import Projector, hidden_size, load_projector
     from ragcomp.models import default_device, load_causal_lm
     from ragcomp.retrieval import CorpusRetriever
 

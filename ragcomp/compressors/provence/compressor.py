@@ -1,7 +1,7 @@
 """Provence: prune each passage to the sentences an encoder marks as needed, and rerank the
 passages by the same encoder's score, in one pass over (query, passage).
 
-The model and the published checkpoint's layout are in `provence_model.py`. Here: the input
+The model and the published checkpoint's layout are in `model.py`. Here: the input
 `[CLS] query [SEP] passage [SEP]`; passages longer than the window are read in overlapping windows
 (keep probabilities averaged where windows overlap, ranking score = best window); token decisions
 rounded to whole sentences (a sentence is kept when the mean keep probability of its tokens is
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from ragcomp._optional import require
+from ragcomp.accel.graphed import profile_range, to_host
 from ragcomp.base import Compressor, PassageLike, as_passages, run_while_waiting
 from ragcomp.compressors._common import check_fraction, check_int
-from ragcomp.compressors.graphed import profile_range, to_host
-from ragcomp.compressors.provence_inputs import (
+from ragcomp.compressors.provence.inputs import (
     PassageCache,
     PassageWork,
     Window,
@@ -77,11 +77,12 @@ class ProvenceCompressor(Compressor):
     a folder or hub id (our format or the published layout, e.g. "naver/provence-reranker-debertav3-v1")
     or a `ProvenceModel`, then with `encoder_tokenizer`. `tokenizer` names the token counter for the
     result's statistics.
-    `fast_encoder` runs a DeBERTa-v2/v3 backbone through `deberta_fast.FastDebertaV2Encoder` (same
-    outputs, far less host work; other backbones keep their HF forward; "flex" selects its
-    FlexAttention variant, compiled per shape, see `deberta_flex.py`); `cuda_graphs` replays the
-    forward from CUDA graphs on CUDA (shapes bucketed, widths to a multiple of `graph_width_multiple`:
-    smaller pads less, captures more graphs; see `graphed.py`; ignored elsewhere).
+    `fast_encoder` runs a DeBERTa-v2/v3 backbone through `ragcomp.accel.deberta_fast`'s
+    `FastDebertaV2Encoder` (same outputs, far less host work; other backbones keep their HF forward;
+    "flex" selects its FlexAttention variant, compiled per shape, see `ragcomp.accel.deberta_flex`);
+    `cuda_graphs` replays the forward from CUDA graphs on CUDA (shapes bucketed, widths to a multiple
+    of `graph_width_multiple`: smaller pads less, captures more graphs; see `ragcomp.accel.graphed`;
+    ignored elsewhere).
     `passage_cache` keeps the tokens and sentences of that many recent passage texts (LRU; 0: none),
     so passages that come back in later questions skip that CPU work; `prepare(corpus)` fills it ahead.
     """
@@ -147,7 +148,7 @@ class ProvenceCompressor(Compressor):
     def _load(self) -> tuple[Any, Any, threading.Lock]:
         """The model, its tokenizer and the lock that guards the model (shared per model/device/dtype)."""
         # Here, not at the top: the model module needs torch, this one imports without it.
-        from ragcomp.compressors.provence_model import ProvenceModel, encoder_tokenizer_for, resolve_folder
+        from ragcomp.compressors.provence.model import ProvenceModel, encoder_tokenizer_for, resolve_folder
 
         if self._model_obj is not None:
             if self._encoder_tokenizer is None:

@@ -92,7 +92,7 @@ class GraphedForward:
     def __init__(self, fn: Callable[..., tuple[Any, ...]], pad_values: Sequence[int], device: Any,
                  enabled: bool = True, width_multiple: int = 32, batch_multiple: int = 4,
                  max_batch: int | None = None) -> None:
-        torch = require("torch", "models")  # lazily: provence.py imports this module without torch
+        torch = require("torch", "models")  # lazily: Provence's compressor imports this module without torch
         self._torch = torch
         self.fn = fn
         self.pad_values = list(pad_values)

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp._optional import require
-from ragcomp.compressors.deberta_fast import fast_encoder_for
-from ragcomp.compressors.graphed import GraphedForward
+from ragcomp.accel.deberta_fast import fast_encoder_for
+from ragcomp.accel.graphed import GraphedForward
 
 torch = require("torch", "models")
 transformers = require("transformers", "models")
@@ -165,8 +165,9 @@ class ProvenceModel(nn.Module):
     def runner(self, fast: bool | str = True, cuda_graphs: bool = True, pad_id: int = 0,
                max_batch: int | None = None, width_multiple: int = 16) -> GraphedForward:
         """`runner(ids, mask, types) -> predict(...)` on this model's device: replayed from CUDA graphs
-        on CUDA when `cuda_graphs` (see graphed.py), eager otherwise. Cached on the model and rebuilt
-        when its device, dtype or parameter storage changes (a captured graph reads fixed addresses)."""
+        on CUDA when `cuda_graphs` (see `ragcomp.accel.graphed`), eager otherwise. Cached on the model
+        and rebuilt when its device, dtype or parameter storage changes (a captured graph reads fixed
+        addresses)."""
         first = next(self.parameters())
         where = (str(first.device), str(first.dtype), first.data_ptr())
         key = (fast, cuda_graphs, pad_id, max_batch, width_multiple)
@@ -267,7 +268,7 @@ def map_published_keys(state: dict[str, Any]) -> dict[str, Any]:
 
 
 # Pruners that ship inside the package, by name (how each was trained: its folder's README.md).
-BUNDLED = {"provence-minilm": Path(__file__).resolve().parents[1] / "data" / "provence-minilm"}
+BUNDLED = {"provence-minilm": Path(__file__).resolve().parents[2] / "data" / "provence-minilm"}
 DEFAULT_MODEL = "provence-minilm"
 
 

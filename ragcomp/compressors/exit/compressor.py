@@ -11,7 +11,7 @@ of a passage, so `method="batched"` encodes it once, keeps its KV cache, and sco
 sentences in packed batches on top of it (fewest tokens: the CPU default).
 `method="single_pass"` puts a question's prefixes and sentence rows in one block-masked
 sequence and questions side by side in one padded batch: one forward per batch of questions
-(fewest forwards: the CUDA default; see `exit_batch.py`). `method="per_sentence"` runs one full
+(fewest forwards: the CUDA default; see `batch.py`). `method="per_sentence"` runs one full
 forward per sentence, as the published code does. All see exactly the same token ids: the prompt
 is built by concatenating separately tokenized pieces, never by re-tokenizing a joined string.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from ragcomp._optional import require
 from ragcomp.base import Compressor
 from ragcomp.compressors._common import check_choice, check_fraction, check_int
-from ragcomp.compressors.exit_batch import (
+from ragcomp.compressors.exit.batch import (
     _additive_mask,
     _concat_caches,
     _custom_masks,
@@ -37,7 +37,7 @@ from ragcomp.compressors.exit_batch import (
     build_packs,
     group_packs,
 )
-from ragcomp.compressors.exit_prompt import (
+from ragcomp.compressors.exit.prompt import (
     PromptUnit,
     Template,
     build_template,
@@ -289,7 +289,7 @@ class ExitCompressor(Compressor):
 
     def _single_pass(self, questions: list[tuple[list[PromptUnit], int]]) -> list[list[np.ndarray]]:
         """Every question's prefixes and sentence rows in block-masked packs, packs side by
-        side in padded batches: one forward per batch (see `exit_batch`)."""
+        side in padded batches: one forward per batch (see `batch.py`)."""
         torch = require("torch", "models")
         model = self.lm.model
         dec, dev = model.get_decoder(), self.lm.device

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ragcomp.compressors.graphed import round_up
+from ragcomp.accel.graphed import round_up
 from ragcomp.text import Sentence, split_sentences
 
 

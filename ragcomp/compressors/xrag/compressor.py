@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ragcomp.base import Compressor, PassageLike
-from ragcomp.compressors.xrag_context import EmbeddingContext, note_text_fallback, reader_takes_embeddings
+from ragcomp.compressors.xrag.context import EmbeddingContext, note_text_fallback, reader_takes_embeddings
 from ragcomp.embeddings import text_key
 from ragcomp.tokens import TokenCounter
 from ragcomp.types import Compressed, CompressionResult, Passage, StepStats
@@ -61,7 +61,7 @@ class XragCompressor(Compressor):
         separator: str = "\n\n",
     ) -> None:
         super().__init__(tokenizer, separator)
-        from ragcomp.compressors.xrag_model import load_projector
+        from ragcomp.compressors.xrag.model import load_projector
 
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
@@ -157,7 +157,7 @@ class XragCompressor(Compressor):
 
     def project(self, embeddings: np.ndarray) -> np.ndarray:
         """Retrieval embeddings (n, d) -> LLM input embeddings (n, hidden), float32."""
-        from ragcomp.compressors.xrag_model import torch
+        from ragcomp.compressors.xrag.model import torch
 
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=self.device)
         with self._lock, torch.inference_mode():

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ragcomp._optional import require
-from ragcomp.compressors.xrag_context import XRAG_TOKEN
+from ragcomp.compressors.xrag.context import XRAG_TOKEN
 from ragcomp.llm import system_prompt, user_prompt
 
 torch = require("torch", "models")
@@ -38,7 +38,7 @@ nn = torch.nn
 FORMAT = "ragcomp-xrag"
 KEY_PREFIX = "projector.projector."
 WEIGHTS_FILE = "projector.safetensors"
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "xrag-minilm-smollm2"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "xrag-minilm-smollm2"
 
 
 class Projector(nn.Module):

@@ -44,7 +44,7 @@ from __future__ import annotations
 from typing import Any
 
 from ragcomp._optional import require
-from ragcomp.compressors.graphed import round_up
+from ragcomp.accel.graphed import round_up
 
 torch = require("torch", "models")
 _deberta = require("transformers.models.deberta_v2.modeling_deberta_v2", "models")
@@ -176,7 +176,7 @@ class FastDebertaV2Encoder:
         if "p2c" in self.pos_types and self.attention == "sdpa":
             padding = _padding_columns(key_bias, width)
         if self.attention == "sdpa-compiled":
-            from ragcomp.compressors.deberta_flex import compiled_layer
+            from ragcomp.accel.deberta_flex import compiled_layer
 
             forward = compiled_layer(_layer_forward)
             epilogue = self._gelu_model and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
@@ -243,7 +243,7 @@ class FastDebertaV2Encoder:
         c2p, p2c = _relative_scores(q_rows, k_rows, pos_k, pos_q, self.heads, padding)
         q, k, v = (_split_heads(x, self.heads) for x in (q_rows, k_rows, att.value_proj(h)))
         if self.attention == "flex":
-            from ragcomp.compressors.deberta_flex import relative_flex_attention
+            from ragcomp.accel.deberta_flex import relative_flex_attention
 
             context = relative_flex_attention(q, k, v, c2p, p2c, key_bias[:, 0, 0], scale)
         else:
