@@ -21,25 +21,25 @@ each gets at least `parallel_min_bytes`. `get_many_buffers` receives into reused
 (buffers.py) for callers that map tensors onto the bytes. A value whose records look wrong takes
 the careful path: it re-reads the header (a concurrent overwrite is not corruption), otherwise
 logs a warning, removes the entry (only if the header is still the one it read) and returns
-None. Values are opaque bytes: nothing is ever pickled. The writes live in redis_write and the
-careful path in redis_careful, base classes of `RedisStore`; this module keeps the connection,
-the batch reads, listing and lifecycle.
+None. Values are opaque bytes: nothing is ever pickled. `RedisStore` holds its parts: a `Writer`
+(redis_write) and a `CarefulReader` (redis_careful), built with the client and what they share
+(redis_parts: key layout, settings, counters, worker threads, error naming); this module keeps the
+connection, the batch reads, listing and lifecycle.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ragcomp._optional import require
-from ragcomp.stores.base import ByteStore, StoreError
+from ragcomp.stores.base import ByteStore
 from ragcomp.stores.buffers import BufferPool
-from ragcomp.stores.redis_careful import CarefulReads, _glob_escape
+from ragcomp.stores.redis_careful import CarefulReader
 from ragcomp.stores.redis_format import MAX_CHUNK_BYTES, Header
-from ragcomp.stores.redis_server import _free_port, local_redis_server
+from ragcomp.stores.redis_parts import ByteCounts, KeyLayout, RedisErrors, Settings, Workers, glob_escape
+from ragcomp.stores.redis_server import local_redis_server
 from ragcomp.stores.redis_wire import (
     Alloc,
     Fetched,
@@ -50,9 +50,9 @@ from ragcomp.stores.redis_wire import (
     read_headers,
     split_plan,
 )
-from ragcomp.stores.redis_write import Writes
+from ragcomp.stores.redis_write import Writer
 
-__all__ = ["MAX_CHUNK_BYTES", "RedisStore", "_free_port", "local_redis_server", "redact_url"]
+__all__ = ["MAX_CHUNK_BYTES", "RedisStore", "local_redis_server", "redact_url"]
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
@@ -69,18 +69,24 @@ def redact_url(url: str) -> str:
     return url
 
 
-def _reason(e: BaseException) -> str:
-    # redis-py wraps the socket error; its strerror ("Connection refused") is the useful part.
-    seen: list[BaseException] = [e]
-    while seen and len(seen) < 10:
-        err = seen.pop(0)
-        if isinstance(err, OSError) and err.strerror:
-            return err.strerror
-        seen += [x for x in (err.__cause__, err.__context__) if x is not None]
-    return str(e) or type(e).__name__
+class _Shared:
+    """A RedisStore attribute kept in one of the objects it shares with its parts (`holder`), so
+    that setting it on the store (e.g. `store.stale_ttl = 0`) reaches them."""
+
+    def __init__(self, holder: str, name: str | None = None) -> None:
+        self.holder, self.name = holder, name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, store: Any, owner: type | None = None) -> Any:
+        return self if store is None else getattr(getattr(store, self.holder), self.name)
+
+    def __set__(self, store: Any, value: Any) -> None:
+        setattr(getattr(store, self.holder), self.name, value)
 
 
-class RedisStore(CarefulReads, Writes, ByteStore):
+class RedisStore(ByteStore):
     """Bytes by key in Redis through redis-py's connection pool.
 
     url: redis://HOST:PORT/DB, rediss://..., unix://PATH, or redis+cluster://HOST:PORT (any node
@@ -101,6 +107,16 @@ class RedisStore(CarefulReads, Writes, ByteStore):
     # Every value get/get_many returns matched, byte for byte, the digests taken when it was
     # written: callers need no second checksum pass (TieredKV skips the KV entry's own).
     verifies_reads = True
+
+    prefix = _Shared("_keys")
+    chunk_bytes = _Shared("_settings")
+    inline_bytes = _Shared("_settings")
+    min_split_bytes = _Shared("_settings")
+    parallel = _Shared("_settings")
+    parallel_min_bytes = _Shared("_settings")
+    stale_ttl = _Shared("_settings")
+    bytes_read = _Shared("_counts", "read")
+    bytes_written = _Shared("_counts", "written")
 
     def __init__(
         self,
@@ -135,22 +151,19 @@ class RedisStore(CarefulReads, Writes, ByteStore):
             cluster = True
             url = f"{_CLUSTER_SCHEMES[scheme]}{sep}{rest}"
         self.cluster = cluster
-        self.prefix = prefix
-        self.chunk_bytes = chunk_bytes
-        self.inline_bytes = min(inline_bytes, chunk_bytes)
-        self.min_split_bytes = max(1, min_split_bytes)
-        self.parallel = parallel
-        self.parallel_min_bytes = max(1, parallel_min_bytes)
+        self._keys = KeyLayout(prefix)
+        self._settings = Settings(
+            chunk_bytes=chunk_bytes,
+            inline_bytes=min(inline_bytes, chunk_bytes),
+            min_split_bytes=max(1, min_split_bytes),
+            parallel=parallel,
+            parallel_min_bytes=max(1, parallel_min_bytes),
+            stale_ttl=stale_ttl,
+        )
         self._buffers = BufferPool(buffer_pool_bytes)
-        self.stale_ttl = stale_ttl
-        self.bytes_read = 0
-        self.bytes_written = 0
-        self._count_lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_lock = threading.Lock()
-        # RedisClusterException (no reachable node, slots not covered) is not a RedisError.
-        self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
-        self._conn_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        self._counts = ByteCounts()
+        self._workers = Workers(self._settings)
+        self._errors = RedisErrors(redis, self._shown_url)
         kwargs: dict[str, Any] = dict(
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
@@ -173,50 +186,29 @@ class RedisStore(CarefulReads, Writes, ByteStore):
                 )
                 self._client = redis.Redis(connection_pool=pool)
             self._client.ping()
-        except (*self._errors, ValueError) as e:
+        except (*self._errors.caught, ValueError) as e:
             client = getattr(self, "_client", None)
             if client is not None:
                 client.close()
-            raise self._store_error(e, "connect") from None
+            raise self._errors.store_error(e, "connect") from None
+        self._writer = Writer(self._client, self._keys, self._settings, self._workers, self._counts,
+                              self._errors)
+        self._careful = CarefulReader(self._client, self._keys, self._workers, self._counts, self._writer,
+                                      self._shown_url)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._shown_url!r}, prefix={self.prefix!r})"
 
-    # -- keys --------------------------------------------------------------------------------
+    # -- writes (redis_write) ----------------------------------------------------------------
 
-    def _hkey(self, key: str) -> str:
-        return f"{self.prefix}h:{{{key}}}"
+    def set(self, key: str, value: bytes) -> None:
+        self._writer.set(key, value)
 
-    def _ckeys(self, key: str, write_id: bytes, count: int) -> list[str]:
-        base = f"{self.prefix}c:{{{key}}}:{write_id.hex()}:"
-        return [f"{base}{i}" for i in range(count)]
+    def set_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        self._writer.set_many(items)
 
-    # -- errors and counters -------------------------------------------------------------------
-
-    def _store_error(self, e: BaseException, what: str) -> StoreError:
-        if isinstance(e, self._conn_errors) or "cannot be connected" in str(e):
-            return StoreError(f"cannot reach Redis at {self._shown_url}: {_reason(e)}")
-        return StoreError(f"Redis at {self._shown_url} failed to {what}: {e}")
-
-    def _count(self, read: int = 0, written: int = 0) -> None:
-        with self._count_lock:
-            self.bytes_read += read
-            self.bytes_written += written
-
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.parallel, thread_name_prefix="ragcomp-redis")
-            return self._executor
-
-    def _map_ranges(self, fn, count: int) -> list[Any]:
-        """fn(start, stop) over `parallel` contiguous ranges of [0, count), in worker threads."""
-        n = min(self.parallel, count)
-        bounds = [(i * count // n, (i + 1) * count // n) for i in range(n)]
-        if n == 1:
-            return [fn(*bounds[0])]
-        futures = [self._pool().submit(fn, a, b) for a, b in bounds]
-        return [f.result() for f in futures]
+    def delete(self, key: str) -> None:
+        self._writer.delete(key)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -252,17 +244,17 @@ class RedisStore(CarefulReads, Writes, ByteStore):
                     elif item.value is not None:
                         value = item.value
                         out[i] = bytes(value) if isinstance(value, bytearray) else value
-                        self._count(read=len(value))
+                        self._counts.add(read=len(value))
             if careful:
                 pipe = self._client.pipeline(transaction=False)
                 for i in careful:
-                    pipe.get(self._hkey(keys[i]))
+                    pipe.get(self._keys.header(keys[i]))
                 for i, record in zip(careful, pipe.execute(), strict=True):
-                    out[i] = self._resolve(keys[i], record)
+                    out[i] = self._careful.resolve(keys[i], record)
             return out
-        except self._errors as e:
+        except self._errors.caught as e:
             what = f"read {keys[0]!r}" if len(keys) == 1 else f"read {len(keys)} keys"
-            raise self._store_error(e, what) from None
+            raise self._errors.store_error(e, what) from None
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
@@ -271,11 +263,11 @@ class RedisStore(CarefulReads, Writes, ByteStore):
         """Headers, then every chunk of every value, straight off the socket (None: use the
         careful path for all of them)."""
         try:
-            fetched = read_headers(pool, [self._hkey(k) for k in keys], alloc)
+            fetched = read_headers(pool, [self._keys.header(k) for k in keys], alloc)
             plan = plan_chunks(fetched, lambda i, head: self._fast_chunk_keys(keys[i], head))
             parts = split_plan(plan, self.parallel, self.parallel_min_bytes)
             # The first part on this thread (no hand-off when there is one), the rest on workers.
-            futures = [self._pool().submit(read_chunks, pool, part) for part in parts[1:]]
+            futures = [self._workers.submit(read_chunks, pool, part) for part in parts[1:]]
             if parts:
                 read_chunks(pool, parts[0])
             for f in futures:
@@ -285,8 +277,8 @@ class RedisStore(CarefulReads, Writes, ByteStore):
         return fetched
 
     def _fast_chunk_keys(self, key: str, head: Header) -> list[str] | None:
-        keys = self._ckeys(key, head.write_id, head.count)
-        if self.cluster and self._client.keyslot(keys[0]) != self._client.keyslot(self._hkey(key)):
+        keys = self._keys.chunks(key, head.write_id, head.count)
+        if self.cluster and self._client.keyslot(keys[0]) != self._client.keyslot(self._keys.header(key)):
             return None  # an empty hash tag spreads the records over slots: let the cluster client route
         return keys
 
@@ -296,7 +288,7 @@ class RedisStore(CarefulReads, Writes, ByteStore):
             return [(self._client.connection_pool, list(range(len(keys))))]
         groups: dict[int, tuple[Any | None, list[int]]] = {}
         for i, key in enumerate(keys):
-            node = self._client.get_node_from_key(self._hkey(key))
+            node = self._client.get_node_from_key(self._keys.header(key))
             pool = node.redis_connection.connection_pool if node and node.redis_connection else None
             groups.setdefault(id(pool), (pool, []))[1].append(i)
         return list(groups.values())
@@ -305,11 +297,11 @@ class RedisStore(CarefulReads, Writes, ByteStore):
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         start = f"{self.prefix}h:{{"
-        pattern = _glob_escape(start + prefix) + "*"
+        pattern = glob_escape(start + prefix) + "*"
         try:
             names = list(self._client.scan_iter(match=pattern, count=1000))
-        except self._errors as e:
-            raise self._store_error(e, "list keys") from None
+        except self._errors.caught as e:
+            raise self._errors.store_error(e, "list keys") from None
         for name in names:
             text = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
             if text.startswith(start) and text.endswith("}"):
@@ -318,16 +310,13 @@ class RedisStore(CarefulReads, Writes, ByteStore):
     def clear(self) -> None:
         """Delete every record under this store's prefix (headers, chunks, orphans)."""
         try:
-            names = list(self._client.scan_iter(match=_glob_escape(self.prefix) + "*", count=1000))
+            names = list(self._client.scan_iter(match=glob_escape(self.prefix) + "*", count=1000))
             for i in range(0, len(names), 1000):
-                self._delete_keys(names[i : i + 1000])
-        except self._errors as e:
-            raise self._store_error(e, "clear") from None
+                self._writer.delete_keys(names[i : i + 1000])
+        except self._errors.caught as e:
+            raise self._errors.store_error(e, "clear") from None
 
     def close(self) -> None:
-        with self._executor_lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        self._workers.close()
         self._buffers.clear()
         self._client.close()

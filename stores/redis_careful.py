@@ -3,16 +3,19 @@ whatever the fast path (redis_wire) did not take or marked for a retry. It re-re
 when the chunks look wrong, so a concurrent overwrite is not taken for corruption; an entry that
 is corrupt (bad header, missing or wrong-sized chunk, checksum mismatch) is logged, removed
 (only while its header is still the record that was judged) and read as a miss; a header
-whose digest this process cannot compute is a miss too, with one warning. `CarefulReads` is a
-base class of `RedisStore` and uses its client, keys, counters, threads and deletes (`Writes`).
+whose digest this process cannot compute is a miss too, with one warning. `RedisStore` holds one
+`CarefulReader`, built with the store's client, the parts in redis_parts and its `Writer` (removals).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ragcomp.stores.redis_format import INLINE, Corrupt, Header, UnknownDigest, digest, stale_chunks
+from ragcomp.stores.redis_parts import ByteCounts, KeyLayout, Workers
 from ragcomp.stores.redis_wire import new_buffer
+from ragcomp.stores.redis_write import Writer
 
 log = logging.getLogger("ragcomp.stores.redis")  # the store's logger, as before the split
 
@@ -28,10 +31,19 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-class CarefulReads:
-    """The careful path of `RedisStore` reads (see the module doc)."""
+class CarefulReader:
+    """The careful path of one `RedisStore`'s reads (see the module doc)."""
 
-    def _resolve(self, key: str, record: bytes | None) -> bytes | None:
+    def __init__(self, client: Any, keys: KeyLayout, workers: Workers, counts: ByteCounts, writer: Writer,
+                 shown_url: str) -> None:
+        self._client = client
+        self._keys = keys
+        self._workers = workers
+        self._counts = counts
+        self._writer = writer
+        self._shown_url = shown_url  # the URL without its password, for the log
+
+    def resolve(self, key: str, record: bytes | None) -> bytes | None:
         """The value a header record stands for, read the careful way; None (after cleanup) if
         it is corrupt."""
         for _ in range(5):
@@ -51,15 +63,15 @@ class CarefulReads:
                 if digest(payload, head.algo) != head.digests[0]:
                     self._drop_corrupt(key, record, "checksum mismatch")
                     return None
-                self._count(read=head.total)
+                self._counts.add(read=head.total)
                 return payload
             value, problem = self._read_chunks(key, head)
             if value is not None:
-                self._count(read=head.total)
+                self._counts.add(read=head.total)
                 return value
             # A writer may have replaced the value (and deleted these chunks) since the header
             # was read: that is not corruption, read the new header instead.
-            now = self._client.get(self._hkey(key))
+            now = self._client.get(self._keys.header(key))
             if now == record:
                 self._drop_corrupt(key, record, problem)
                 return None
@@ -69,7 +81,7 @@ class CarefulReads:
 
     def _read_chunks(self, key: str, head: Header) -> tuple[bytes | None, str]:
         """A chunked value through redis-py pipelines, naming the first problem if any."""
-        keys = self._ckeys(key, head.write_id, head.count)
+        keys = self._keys.chunks(key, head.write_id, head.count)
         spans = head.spans()
         value, view = new_buffer(head.total)
 
@@ -89,29 +101,25 @@ class CarefulReads:
                     return f"chunk {i} of {head.count}: checksum mismatch"
             return None
 
-        problems = [p for p in self._map_ranges(read_range, head.count) if p]
+        problems = [p for p in self._workers.map_ranges(read_range, head.count) if p]
         if problems:
             return None, problems[0]
         return (value if isinstance(value, bytes) else bytes(value)), ""
 
     def _drop_corrupt(self, key: str, record: bytes, why: str) -> None:
         log.warning("redis store %s: dropping corrupt entry %r: %s", self._shown_url, key, why)
-        if not self._client.eval(_DEL_IF_EQUAL, 1, self._hkey(key), record):
+        if not self._client.eval(_DEL_IF_EQUAL, 1, self._keys.header(key), record):
             return  # replaced meanwhile: the new value is not ours to judge
         if stale_chunks(record) is not None:
-            self._delete_chunks(key, record)
+            self._writer.delete_chunks(key, record)
             return
         # The header is too damaged to name its chunks: find them by pattern (rare, scans),
         # sparing those of a header a writer may have stored since.
-        current = stale_chunks(self._client.get(self._hkey(key)))
+        current = stale_chunks(self._client.get(self._keys.header(key)))
         keep = f":{current[0].hex()}:" if current else None
-        pattern = _glob_escape(f"{self.prefix}c:{{{key}}}:") + "*"
+        pattern = self._keys.chunk_pattern(key)
         names = [
             n for n in self._client.scan_iter(match=pattern, count=1000) if not keep or keep.encode() not in n
         ]
         if names:
-            self._delete_keys(names)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+            self._writer.delete_keys(names)

@@ -31,7 +31,7 @@ def local_redis_server(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
-        p = port or _free_port(cluster)
+        p = port or free_port(cluster)
         log_file = workdir / f"redis-{p}.log"
         args = [binary, "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(workdir), "--logfile", str(log_file), "--daemonize", "no"]
@@ -59,7 +59,9 @@ def local_redis_server(
                     proc.wait()
 
 
-def _free_port(with_bus: bool) -> int:
+def free_port(with_bus: bool) -> int:
+    """A loopback port nothing listens on (with `with_bus`, one whose cluster bus port, +10000, is
+    free too)."""
     def free(p: int) -> bool:
         with socket.socket() as s:
             try:

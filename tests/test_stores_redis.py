@@ -272,9 +272,9 @@ def test_redis_readers_during_overwrites_see_whole_values(redis_url: str, prefix
 
 @redis_mark
 def test_redis_down_is_a_store_error_naming_the_url() -> None:
-    from ragcomp.stores.redis import _free_port
+    from ragcomp.stores.redis_server import free_port
 
-    url = f"redis://127.0.0.1:{_free_port(False)}/0"
+    url = f"redis://127.0.0.1:{free_port(False)}/0"
     start = time.monotonic()
     with pytest.raises(
         StoreError, match=r"cannot reach Redis at redis://127\.0\.0\.1:\d+/0: Connection refused"
