@@ -142,7 +142,9 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _hub_hint(name: str, err: Exception) -> Exception:
+def hub_hint(name: str, err: Exception) -> Exception:
+    """The error for a model name nothing could load: it lists the offline aliases (shared by every
+    loader, so the message is worded the same everywhere)."""
     return OSError(
         f"could not load model {name!r}: it is not an offline alias "
         f"({', '.join(sorted(set(EMBEDDER_ALIASES.values()) | set(LM_ALIASES.values())))}), "
@@ -188,7 +190,7 @@ def load_embedder(name: str = "minilm", device: str | None = None) -> Embedder:
         try:
             model = st.SentenceTransformer(path, device=device)
         except Exception as e:
-            raise _hub_hint(name, e) from e
+            raise hub_hint(name, e) from e
         model.eval()
         emb = Embedder(EMBEDDER_ALIASES.get(name, name), model, device)
         _LOADED[key] = emb
@@ -257,7 +259,7 @@ class CausalLM:
         extra: dict[str, Any] = {}
         if stop_at_line:
             transformers = require("transformers", "models")
-            extra["stopping_criteria"] = transformers.StoppingCriteriaList([_first_line_done(tok, width)])
+            extra["stopping_criteria"] = transformers.StoppingCriteriaList([first_line_done(tok, width)])
         with self.lock, torch.inference_mode():
             out = self.model.generate(
                 ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
@@ -266,7 +268,7 @@ class CausalLM:
         return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
-def _first_line_done(tokenizer: Any, prompt_width: int) -> Any:
+def first_line_done(tokenizer: Any, prompt_width: int) -> Any:
     """Stopping criterion, per row: the new text holds a non-empty line and a newline after it."""
     torch = require("torch", "models")
     transformers = require("transformers", "models")
@@ -293,7 +295,7 @@ def load_causal_lm(name: str = "smollm2-135m", device: str | None = None, dtype:
             tok = transformers.AutoTokenizer.from_pretrained(path)
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         except Exception as e:
-            raise _hub_hint(name, e) from e
+            raise hub_hint(name, e) from e
         model.to(device).eval()
         lm = CausalLM(LM_ALIASES.get(name, name), model, tok, device, torch_dtype)
         _LOADED[key] = lm
@@ -306,4 +308,4 @@ def load_tokenizer(name: str) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise _hub_hint(name, e) from e
+        raise hub_hint(name, e) from e

@@ -122,7 +122,7 @@ def test_auto_picks_single_pass_on_cuda_and_batched_elsewhere(lm, monkeypatch) -
     on_cuda = ExitCompressor(dataclasses.replace(lm, device="cuda:0"))
     assert on_cuda.resolve_method("auto") == "single_pass"  # GPU: fewest forwards wins
     assert on_cuda.resolve_method("per_sentence") == "per_sentence"
-    monkeypatch.setattr(exit_mod, "_custom_masks", lambda model: False)  # e.g. flash attention
+    monkeypatch.setattr(exit_mod, "custom_masks", lambda model: False)  # e.g. flash attention
     assert on_cuda.resolve_method("auto") == "batched"
     assert on_cuda.resolve_method("single_pass") == "batched"
 
@@ -207,7 +207,7 @@ def test_long_passage_is_scored_in_windows(lm) -> None:
     long = Passage("long", " ".join(fact.format(i) for i in range(8)), metadata={"title": "Loire"})
     q = "Which river crosses Orleans?"
     comp = ExitCompressor(lm, max_length=256, batch_size=4)
-    units, _ = comp._units(q, [long])
+    units, _ = comp.units(q, [long])
     assert len(units) > 1  # did not fit one prompt
     assert all(len(u.prefix) + len(r) <= 256 for u in units for r in u.rows)
     assert sorted(i for u in units for i in u.sentences) == list(range(8))  # every sentence once
@@ -222,14 +222,14 @@ def test_huge_query_and_unpunctuated_text_do_not_crash(lm) -> None:
     comp = ExitCompressor(lm, max_length=300, threshold=0.0)
     blob = Passage("blob", " ".join(["word"] * 260))  # no punctuation: cut at word boundaries
     res = comp.compress("what " * 400, [blob])
-    assert all(len(u.prefix) + len(r) <= 300 for u in comp._units("what " * 400, [blob])[0] for r in u.rows)
+    assert all(len(u.prefix) + len(r) <= 300 for u in comp.units("what " * 400, [blob])[0] for r in u.rows)
     item = res.items[0]
     assert item.kept and item.text == " ".join(blob.text[a:b] for a, b in item.spans)
 
 
 def test_padded_fallback_matches(lm, passages, scores, monkeypatch) -> None:
     # Attention kernels without custom masks (flash attention) take the padded-batch path.
-    monkeypatch.setattr(exit_mod, "_custom_masks", lambda model: False)
+    monkeypatch.setattr(exit_mod, "custom_masks", lambda model: False)
     got = ExitCompressor(lm, batch_size=2).score(QUERY, passages, "batched")
     diff = max(float(np.abs(x - y).max()) for x, y in zip(got, scores["per_sentence"], strict=True))
     assert diff <= 1e-4

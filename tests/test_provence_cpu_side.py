@@ -64,7 +64,7 @@ def test_shipped_minilm_default_is_unchanged_by_the_fast_flag() -> None:
     off = ProvenceCompressor(device="cpu", fast_encoder=False, cuda_graphs=False).score(QUERY, passages)
     assert [x.ranking for x in on] == [x.ranking for x in off]
     assert all(np.array_equal(a.token_probs, b.token_probs) for a, b in zip(on, off, strict=True))
-    net, bert_tok, _ = comp._load()  # batched scores equal one plain call with BERT's segment ids
+    net, bert_tok, _ = comp.load()  # batched scores equal one plain call with BERT's segment ids
     with torch.no_grad():
         ref = net(**bert_tok(QUERY, passages[1].text, return_tensors="pt"))
     assert abs(on[1].ranking - float(ref.ranking_logits[0])) <= 1e-5

@@ -32,8 +32,8 @@ from ragcomp.compressors._common import check_int
 from ragcomp.models import (
     LM_ALIASES,
     CausalLM,
-    _hub_hint,
     default_device,
+    hub_hint,
     load_causal_lm,
     resolve_dtype,
     resolve_model_path,
@@ -140,7 +140,7 @@ class RecompAbstractive(Compressor):
             try:
                 config = transformers.AutoConfig.from_pretrained(path)
             except Exception as e:
-                raise _hub_hint(self.model, e) from e
+                raise hub_hint(self.model, e) from e
             if getattr(config, "is_encoder_decoder", False):
                 self._seq2seq = _load_seq2seq(path, self.device, self.dtype)
             else:
@@ -249,7 +249,7 @@ def _load_seq2seq(path: str, device: str | None, dtype: Any) -> tuple[Any, Any, 
                 tok = transformers.AutoTokenizer.from_pretrained(path)
                 model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype)
             except Exception as e:
-                raise _hub_hint(path, e) from e
+                raise hub_hint(path, e) from e
             model.to(device).eval()
             _SEQ2SEQ[key] = (model, tok, threading.Lock())
         return _SEQ2SEQ[key]

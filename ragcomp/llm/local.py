@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ragcomp.llm import Reader, clean_answer, system_prompt, user_prompt
+from ragcomp.llm.base import Reader, clean_answer, system_prompt, user_prompt
 from ragcomp.models import CausalLM, load_causal_lm
 
 
@@ -72,18 +72,9 @@ class LocalReader(Reader):
             for i, t in zip(text, texts, strict=True):
                 out[i] = clean_answer(t)
         if xrag:
-            from ragcomp.compressors.xrag.model import (
-                generate_with_embeddings,
-                placeholder_id,
-                reader_prompt_ids,
-            )
-
-            pid = placeholder_id(self.lm.tokenizer)
-            ctxs = [items[i][1] for i in xrag]
-            prompts = [reader_prompt_ids(self.lm.tokenizer, items[i][0], c.n_docs, pid)  # type: ignore[union-attr]
-                       for i, c in zip(xrag, ctxs, strict=True)]
-            texts = generate_with_embeddings(self.lm, prompts, [c.embeddings for c in ctxs],  # type: ignore[union-attr]
-                                             pid, self.max_new_tokens, stop_at_line=True)
+            # Through the context object: it knows how a model reads it, so no reader imports a compressor.
+            pairs: list[Any] = [items[i] for i in xrag]
+            texts = pairs[0][1].generate_batch(self.lm, pairs, self.max_new_tokens, stop_at_line=True)
             for i, t in zip(xrag, texts, strict=True):
                 out[i] = clean_answer(t)
         return out

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from ragcomp.llm import Reader, clean_answer, system_prompt, user_prompt
+from ragcomp.llm.base import Reader, clean_answer, system_prompt, user_prompt
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

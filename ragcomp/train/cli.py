@@ -204,14 +204,14 @@ def _train_xrag(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ragcomp._optional import require
-    from ragcomp.compressors.provence.model import _no_pooling
+    from ragcomp.compressors.provence.model import no_pooling
     from ragcomp.models import resolve_model_path
 
     torch = require("torch", "models")
     transformers = require("transformers", "models")
     path = resolve_model_path(args.backbone)
     config = transformers.AutoConfig.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path, **_no_pooling(config)).to(torch.float16)
+    model = transformers.AutoModel.from_pretrained(path, **no_pooling(config)).to(torch.float16)
     model.save_pretrained(args.out)
     transformers.AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
     print(f"saved {args.backbone} as fp16 to {args.out}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragcomp.compressors.xrag.context import XRAG_TOKEN
+from ragcomp.compressors.xrag.model import XRAG_TOKEN
 from ragcomp.text import split_sentences
 from ragcomp.types import Passage
 

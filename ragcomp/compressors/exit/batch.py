@@ -114,7 +114,7 @@ def batch_inputs(group: list[Pack], width: int, pad_id: int) -> tuple[np.ndarray
 
 
 # -- attention masks and cache views shared by the batched and single-pass paths ---------------
-def _additive_mask(allowed: np.ndarray, dtype: Any, device: Any) -> Any:
+def additive_mask(allowed: np.ndarray, dtype: Any, device: Any) -> Any:
     """(batch, queries, keys) booleans -> a (batch, 1, queries, keys) additive mask on `device`:
     0 where allowed, the dtype's minimum elsewhere."""
     torch = require("torch", "models")
@@ -123,7 +123,7 @@ def _additive_mask(allowed: np.ndarray, dtype: Any, device: Any) -> Any:
     return mask.masked_fill_(blocked, torch.finfo(dtype).min)[:, None]
 
 
-def _view_cache(cache: Any, batch: int) -> Any:
+def view_cache(cache: Any, batch: int) -> Any:
     """A batch-1 cache seen as `batch` rows (a view, no copy: the next update copies once).
 
     Layer objects are shallow-copied so the source cache is never extended, and layer types
@@ -133,7 +133,7 @@ def _view_cache(cache: Any, batch: int) -> Any:
                                  lay.values.expand(batch, *lay.values.shape[1:])) for lay in cache.layers])
 
 
-def _custom_masks(model: Any) -> bool:
+def custom_masks(model: Any) -> bool:
     """Whether packed rows can run: the kernel takes an arbitrary additive 4D mask, and no layer
     has a sliding window (its cache may hold fewer tokens than the mask assumes)."""
     cfg = model.config
@@ -141,10 +141,10 @@ def _custom_masks(model: Any) -> bool:
     return getattr(cfg, "_attn_implementation", "eager") in ("sdpa", "eager") and not sliding
 
 
-def _concat_caches(caches: list[Any]) -> Any:
+def concat_caches(caches: list[Any]) -> Any:
     """Batch-1 caches one after another along the tokens (one cache: a view, else one copy)."""
     if len(caches) == 1:
-        return _view_cache(caches[0], 1)
+        return view_cache(caches[0], 1)
     torch = require("torch", "models")
     kv = [(torch.cat([c.layers[i].keys for c in caches], dim=2),
            torch.cat([c.layers[i].values for c in caches], dim=2)) for i in range(len(caches[0].layers))]

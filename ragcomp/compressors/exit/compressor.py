@@ -29,13 +29,13 @@ from ragcomp._optional import require
 from ragcomp.base import Compressor
 from ragcomp.compressors._common import check_choice, check_fraction, check_int
 from ragcomp.compressors.exit.batch import (
-    _additive_mask,
-    _concat_caches,
-    _custom_masks,
-    _view_cache,
+    additive_mask,
     batch_inputs,
     build_packs,
+    concat_caches,
+    custom_masks,
     group_packs,
+    view_cache,
 )
 from ragcomp.compressors.exit.prompt import (
     PromptUnit,
@@ -178,9 +178,11 @@ class ExitCompressor(Compressor):
     def _ids(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
 
-    def _units(self, query: str, passages: list[Passage]) -> tuple[list[PromptUnit], int]:
+    def units(self, query: str, passages: list[Passage]) -> tuple[list[PromptUnit], int]:
         """Prompt pieces per context window, and how many prefix tokens all units share."""
         return prompt_units(self.template, self.limit, self._ids, query, passages, _sentences, self.use_title)
+
+    _units = units  # the old private name, still called by ragcomp/bench/prune.py until it moves to `units`
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, query: str, passages: list[Passage], method: str | None = None) -> list[np.ndarray]:
@@ -194,7 +196,7 @@ class ExitCompressor(Compressor):
         if any(not q.strip() for q in queries):
             raise ValueError("EXIT needs a non-empty query: it asks whether a sentence helps answer it")
         outs = [[np.zeros(len(_sentences(p.text)), np.float32) for p in ps] for ps in passages_per_query]
-        questions = [self._units(q, ps) for q, ps in zip(queries, passages_per_query, strict=True)]
+        questions = [self.units(q, ps) for q, ps in zip(queries, passages_per_query, strict=True)]
         if not any(units for units, _ in questions):
             return outs
         torch = require("torch", "models")
@@ -213,7 +215,7 @@ class ExitCompressor(Compressor):
     def resolve_method(self, method: str) -> str:
         """The scoring path "auto" (or a path the model's attention cannot take) stands for."""
         check_choice("method", method, METHODS)
-        if method in ("auto", "single_pass") and not _custom_masks(self.lm.model):
+        if method in ("auto", "single_pass") and not custom_masks(self.lm.model):
             return "batched"  # no custom 4D masks: batched falls back to padded batches
         if method == "auto":
             return "single_pass" if str(self.lm.device).startswith("cuda") else "batched"
@@ -252,9 +254,9 @@ class ExitCompressor(Compressor):
             rest = torch.tensor([u.prefix[shared:]], device=dev)
             pos = torch.arange(shared, len(u.prefix), device=dev).unsqueeze(0)
             out = dec(input_ids=rest, position_ids=pos, use_cache=True,
-                      **cache_arg(dec, _view_cache(returned_cache(base), 1)))
+                      **cache_arg(dec, view_cache(returned_cache(base), 1)))
             caches.append(returned_cache(out))
-        if not _custom_masks(model):
+        if not custom_masks(model):
             # Kernels without custom masks (flash attention): padded batches, one unit at a time.
             return [self._padded(u, c) for u, c in zip(units, caches, strict=True)]
         rows = [(ui, r) for ui, u in enumerate(units) for r in u.rows]
@@ -278,9 +280,9 @@ class ExitCompressor(Compressor):
                 pos += range(n_pre, n_pre + len(r))
                 q += len(r)
                 last.append(q - 1)
-            cache = _concat_caches([caches[ui] for ui in owners])
+            cache = concat_caches([caches[ui] for ui in owners])
             hidden = dec(input_ids=torch.tensor([ids], device=dev),
-                         attention_mask=_additive_mask(allowed[None], dtype, dev),
+                         attention_mask=additive_mask(allowed[None], dtype, dev),
                          position_ids=torch.tensor([pos], device=dev), **cache_arg(dec, cache),
                          use_cache=True).last_hidden_state[0]
             probs.append(self._yes_prob(hidden[torch.tensor(last, device=hidden.device)]))
@@ -299,7 +301,7 @@ class ExitCompressor(Compressor):
         for group, width in group_packs(build_packs(questions, budget), budget):
             ids, pos, allowed = batch_inputs(group, width, self._pad_id())
             hidden = dec(input_ids=torch.from_numpy(ids).to(dev), position_ids=torch.from_numpy(pos).to(dev),
-                         attention_mask=_additive_mask(allowed, dtype, dev),
+                         attention_mask=additive_mask(allowed, dtype, dev),
                          use_cache=False).last_hidden_state
             rows = torch.tensor([b for b, p in enumerate(group) for _ in p.last], device=hidden.device)
             cols = torch.tensor([i for p in group for i in p.last], device=hidden.device)
@@ -336,7 +338,7 @@ class ExitCompressor(Compressor):
                 ids[i, : len(r)] = torch.tensor(r)
             pos = torch.arange(n_pre, n_pre + width).unsqueeze(0).expand(n, width)
             hidden = dec(input_ids=ids.to(dev), position_ids=pos.to(dev),
-                         **cache_arg(dec, _view_cache(cache, n)), use_cache=True).last_hidden_state
+                         **cache_arg(dec, view_cache(cache, n)), use_cache=True).last_hidden_state
             last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
             probs.append(self._yes_prob(hidden[torch.arange(n, device=hidden.device), last]))
         return np.concatenate(probs)

@@ -145,8 +145,9 @@ class ProvenceCompressor(Compressor):
         self._lock = threading.Lock()
 
     # -- model -----------------------------------------------------------------------------
-    def _load(self) -> tuple[Any, Any, threading.Lock]:
-        """The model, its tokenizer and the lock that guards the model (shared per model/device/dtype)."""
+    def load(self) -> tuple[Any, Any, threading.Lock]:
+        """The model, its tokenizer and the lock that guards the model (loaded on first use, shared per
+        model/device/dtype)."""
         # Here, not at the top: the model module needs torch, this one imports without it.
         from ragcomp.compressors.provence.model import ProvenceModel, encoder_tokenizer_for, resolve_folder
 
@@ -170,13 +171,18 @@ class ProvenceCompressor(Compressor):
             self._encoder_tokenizer = encoder_tokenizer_for(self._encoder_tokenizer, net)
         return net, self._encoder_tokenizer, lock
 
-    def _window_size(self, net: Any, tok: Any) -> int:
+    def window_size(self, net: Any, tok: Any) -> int:
+        """The encoder input length in tokens: `window`, else the model's and tokenizer's, at most 512."""
         if self.window is not None:
             return self.window
         limits = [512, getattr(net.backbone_config, "max_position_embeddings", 512) or 512]
         if 0 < (getattr(tok, "model_max_length", 0) or 0) < 100_000:
             limits.append(int(tok.model_max_length))
         return min(limits)
+
+    # The old private names, still called by ragcomp/bench/prune_gpu.py until it moves to the public ones.
+    _load = load
+    _window_size = window_size
 
     # -- encoding ----------------------------------------------------------------------------
     def encode_windows(
@@ -246,10 +252,10 @@ class ProvenceCompressor(Compressor):
         of the tokenising, and the CPU work of later groups and the sentences run while it computes.
         On CUDA the launch waits for token ids only; the character offsets that map tokens to
         sentences come from a second tokenizer pass while the GPU runs."""
-        net, tok, lock = self._load()
+        net, tok, lock = self.load()
         if not getattr(tok, "is_fast", False):
             raise ValueError("the encoder's tokenizer must be a fast tokenizer (it needs character offsets)")
-        size = self._window_size(net, tok)
+        size = self.window_size(net, tok)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         flat = [(qi, p) for qi, ps in enumerate(passages_per_query) for p in ps]
         work: list[PassageWork | None] = [self.passage_cache.get(tok, p.text) for _, p in flat]
@@ -332,7 +338,7 @@ class ProvenceCompressor(Compressor):
             raise ValueError(f"{len(texts)} distinct passages do not fit passage_cache="
                              f"{self.passage_cache.size}; build the compressor with a larger passage_cache")
         check_int("batch_size", batch_size, 1, allow_none=False)
-        _, tok, lock = self._load()
+        _, tok, lock = self.load()
         prepare_passages(self.passage_cache, tok, lock, texts, batch_size)
         return len(texts)
 

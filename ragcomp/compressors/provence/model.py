@@ -96,7 +96,7 @@ class ProvenceModel(nn.Module):
         self.pooler_act = pooler_act or getattr(backbone_config, "pooler_hidden_act", None) or "gelu"
         self.dropout_p = float(backbone_config.hidden_dropout_prob if dropout is None else dropout)
         self.backbone = backbone if backbone is not None else transformers.AutoModel.from_config(
-            backbone_config, **_no_pooling(backbone_config))
+            backbone_config, **no_pooling(backbone_config))
         self.pooler = nn.Module()
         self.pooler.dense = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, 1)
@@ -216,7 +216,7 @@ class ProvenceModel(nn.Module):
     def from_backbone(cls, name_or_path: str, token_labels: int = 2, **kwargs: Any) -> ProvenceModel:
         """Pretrained encoder weights (hub id or path), new random heads: the start of training."""
         config = transformers.AutoConfig.from_pretrained(name_or_path)
-        backbone = transformers.AutoModel.from_pretrained(name_or_path, **_no_pooling(config))
+        backbone = transformers.AutoModel.from_pretrained(name_or_path, **no_pooling(config))
         return cls(backbone.config, token_labels=token_labels, backbone=backbone, **kwargs)
 
     @classmethod
@@ -290,7 +290,9 @@ def resolve_folder(name_or_path: str | Path) -> Path:
                       f"not provide it ({type(e).__name__}: {e})") from e
 
 
-def _no_pooling(config: Any) -> dict[str, Any]:
+def no_pooling(config: Any) -> dict[str, Any]:
+    """`AutoModel` keyword arguments that skip the backbone's own pooler (also used by `python -m
+    ragcomp.train export-backbone`)."""
     # BERT-style models add their own tanh pooler; ours replaces it, so do not build unused weights.
     model_cls = _modeling_auto.MODEL_MAPPING.get(type(config), None)
     if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:

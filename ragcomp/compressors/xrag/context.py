@@ -1,18 +1,18 @@
 """The context xrag hands to a reader: text for any reader, one embedding per document for a local one.
 
 Kept free of torch so the eval runner and the integrations can recognise it without loading models.
+A reader that takes embeddings generates through the context (`EmbeddingContext.generate_batch`), so
+readers never import the compressor package; the torch side (`model.py`) loads on that call only.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-# The placeholder written in prompts where one document's projected embedding goes (xRAG's name).
-XRAG_TOKEN = "<xRAG>"
 
 
 class EmbeddingContext(str):
@@ -45,6 +45,19 @@ class EmbeddingContext(str):
 
     def __reduce__(self) -> Any:  # copy/pickle keep the embeddings
         return (EmbeddingContext, (str(self), self.embeddings, self.model, self.fallback))
+
+    @classmethod
+    def generate_batch(cls, lm: Any, items: Sequence[tuple[str, EmbeddingContext]], max_new_tokens: int,
+                       stop_at_line: bool = False) -> list[str]:
+        """Raw greedy generations of `lm` (a `ragcomp.models.CausalLM`) for (question, context) pairs in
+        one left-padded batch: the readers' short-answer prompt with one placeholder token per document,
+        whose input embedding is the document's projected embedding (new text only, not cleaned)."""
+        from ragcomp.compressors.xrag.model import generate_with_embeddings, placeholder_id, reader_prompt_ids
+
+        pid = placeholder_id(lm.tokenizer)
+        prompts = [reader_prompt_ids(lm.tokenizer, q, c.n_docs, pid) for q, c in items]
+        return generate_with_embeddings(lm, prompts, [c.embeddings for _, c in items], pid, max_new_tokens,
+                                        stop_at_line=stop_at_line)
 
 
 _WARNED: set[tuple[str, str]] = set()

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from ragcomp._optional import require
-from ragcomp.compressors.xrag.context import XRAG_TOKEN
-from ragcomp.llm import system_prompt, user_prompt
+from ragcomp.llm.base import system_prompt, user_prompt
 
 torch = require("torch", "models")
 nn = torch.nn
 
+# The placeholder written in prompts where one document's projected embedding goes (xRAG's name).
+XRAG_TOKEN = "<xRAG>"
 FORMAT = "ragcomp-xrag"
 KEY_PREFIX = "projector.projector."
 WEIGHTS_FILE = "projector.safetensors"
@@ -222,7 +223,7 @@ def generate_with_embeddings(lm: Any, prompts: Sequence[list[int]], doc_embeddin
         raise ValueError(f"{len(prompts)} prompts but {len(doc_embeddings)} embedding sets")
     if not prompts:
         return []
-    from ragcomp.models import _first_line_done, left_padded
+    from ragcomp.models import first_line_done, left_padded
 
     tok = lm.tokenizer
     ids, mask = left_padded(prompts, tok)
@@ -232,7 +233,7 @@ def generate_with_embeddings(lm: Any, prompts: Sequence[list[int]], doc_embeddin
     if stop_at_line:
         transformers = require("transformers", "models")
         # With inputs_embeds, generate returns only new tokens: the prompt width is 0.
-        extra["stopping_criteria"] = transformers.StoppingCriteriaList([_first_line_done(tok, 0)])
+        extra["stopping_criteria"] = transformers.StoppingCriteriaList([first_line_done(tok, 0)])
     with lm.lock, torch.inference_mode():
         ids, mask = ids.to(lm.device), mask.to(lm.device)
         embeds = splice(lm.model, ids, vecs.to(lm.device), pid, mask)
