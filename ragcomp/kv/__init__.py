@@ -1,9 +1,13 @@
 """Document KV cache: precompute each chunk's KV once, keep it in GPU/CPU/store tiers, move it
 to wherever a retrieved chunk lands, and answer repeated questions without prefilling the
-documents again. `KVCache` is the entry point; `KVEngine` does the token-level work."""
+documents again. `KVCache` is the entry point (configured by `PromptConfig` and `TierConfig`);
+`KVEngine` does the token-level work."""
 
 from ragcomp.kv.codec import STORAGE_KINDS, ChunkKV, CorruptEntryError, decode_entry, encode_entry
-from ragcomp.kv.engine import Assembled, KVEngine, Repair
+from ragcomp.kv.config import PromptConfig, TierConfig
+from ragcomp.kv.engine import KVEngine
+from ragcomp.kv.ops import Assembled
+from ragcomp.kv.repair import Repair
 from ragcomp.kv.rope import MOVABLE_ROPE_TYPES, SUPPORTED_MODEL_TYPES, UnsupportedModelError, check_movable
 from ragcomp.kv.types import KVAnswer, KVStats
 
@@ -35,7 +39,9 @@ __all__ = [
     "LongDocument",
     "LongDocuments",
     "PageStats",
+    "PromptConfig",
     "Repair",
+    "TierConfig",
     "UnsupportedModelError",
     "check_movable",
     "decode_entry",

@@ -12,8 +12,13 @@ Prompt layout (token ids, concatenated; never re-tokenised as one string):
 
 Chunk k's keys are rotated from the position it was encoded at to where it lands. What
 moving cannot restore is attention between chunks (each never saw the others); the
-`repair` option recomputes part of it (see `Repair`), off by default. The token ids of this
-layout, the entry keys and the passage index come from `PromptLayout` (`ragcomp.kv.cache_prompt`).
+`repair` option recomputes part of it (see `Repair`), off by default.
+
+A `KVCache` holds the parts it drives: `engine` (`KVEngine`, the model-side work), `tiers`
+(`TieredKV`: GPU and CPU LRUs in front of `store`), `layout` (`PromptLayout`: the token ids of
+this layout, entry keys and the passage index), `prefix` (`SharedPrefix`: the prefix's KV) and,
+once asked for, `long_documents()` (`LongDocuments`: KV pages of long documents). Its settings
+are declared in `PromptConfig` and `TierConfig` (`ragcomp.kv.config`).
 """
 
 from __future__ import annotations
@@ -29,18 +34,18 @@ from typing import Any
 from ragcomp.base import as_passages
 from ragcomp.kv.cache_prompt import PassageOrId, PromptLayout
 from ragcomp.kv.codec import ChunkKV
-from ragcomp.kv.engine import KVEngine, Repair
-from ragcomp.kv.fingerprint import ids_hash
+from ragcomp.kv.config import PromptConfig, TierConfig, with_options
+from ragcomp.kv.engine import KVEngine
+from ragcomp.kv.pages import LongDocuments
+from ragcomp.kv.pages_types import LongDocument
+from ragcomp.kv.prefix import SharedPrefix
+from ragcomp.kv.repair import Repair
 from ragcomp.kv.tiers import ReconnectingStore, TieredKV
 from ragcomp.kv.types import KVAnswer, KVStats
 from ragcomp.types import Passage
 
-DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-DEFAULT_INSTRUCTION = "Documents:\n\n"
-DEFAULT_QUESTION = "Question: {question}\nAnswer briefly."
 
-
-class KVCache(PromptLayout):
+class KVCache:
     """Precomputed document KV, kept in GPU / CPU tiers in front of a store, reused per question.
 
     Args:
@@ -48,11 +53,16 @@ class KVCache(PromptLayout):
             `ragcomp.models.CausalLM`, or a Hugging Face model (then pass `tokenizer`).
         store: "memory", "disk:DIR", "redis://HOST:PORT/DB", or any `ByteStore`.
         storage: how chunk KV is kept: "native" (model dtype), "bf16", "fp16", "fp8", "int8".
-        gpu_bytes, cpu_bytes: bounds of the two LRU tiers (the GPU tier exists on CUDA only).
         repair: default repair for `generate`: None, "first:N", "deviation:SHARE" or
             "attention:SHARE" (see `ragcomp.kv.repair`).
-        max_chunk_tokens: longer passages are split into several cached chunks.
-        verify: check each stored entry's checksum on read (always on for untrusted stores).
+        batch_size: chunks encoded per forward pass in `add`.
+        namespace: the first part of every store key.
+        prompt_config: the prompt's parts and chunk size (`PromptConfig`: system_prompt,
+            instruction, doc_template, question_template, max_chunk_tokens).
+        tier_config: the tiers and store reads (`TierConfig`: gpu_bytes, cpu_bytes, io_threads,
+            retry_after, verify).
+        **options: any field of the two configs by name (`max_chunk_tokens=256`, `cpu_bytes=2**30`),
+            as the constructor always took them; a field named here overrides the config's.
     """
 
     def __init__(
@@ -64,22 +74,19 @@ class KVCache(PromptLayout):
         device: str | None = None,
         dtype: Any = None,
         storage: str = "native",
-        gpu_bytes: int = 4 * 2**30,
-        cpu_bytes: int = 8 * 2**30,
         repair: str | Repair | None = None,
-        system_prompt: str = DEFAULT_SYSTEM,
-        instruction: str = DEFAULT_INSTRUCTION,
-        doc_template: str = "{text}\n\n",
-        question_template: str = DEFAULT_QUESTION,
-        max_chunk_tokens: int = 512,
         batch_size: int = 8,
         namespace: str = "ragcomp:kv",
-        io_threads: int = 4,
-        retry_after: float = 5.0,
-        verify: bool = True,
+        prompt_config: PromptConfig | None = None,
+        tier_config: TierConfig | None = None,
+        **options: Any,
     ) -> None:
         from ragcomp.stores import StoreError, open_store
 
+        self.prompt_config = with_options(prompt_config or PromptConfig(), options)
+        self.tier_config = with_options(tier_config or TierConfig(), options)
+        if options:
+            raise TypeError(f"KVCache() got unexpected keyword argument(s): {', '.join(map(repr, options))}")
         self.lm_name, self.model, self.tokenizer, lock = _load(model, tokenizer, device, dtype)
         self.engine = KVEngine(self.model, self.lm_name, storage=storage, lock=lock)
         try:
@@ -91,41 +98,54 @@ class KVCache(PromptLayout):
             warnings.warn(f"KV store unavailable at start ({e}); answering by recomputing until it is back",
                           RuntimeWarning, stacklevel=2)
             self.store = ReconnectingStore(store)
-        self.tiers = TieredKV(self.store, self.engine.device, gpu_bytes, cpu_bytes, io_threads,
-                              retry_after, verify)
+        t = self.tier_config
+        self.tiers = TieredKV(self.store, self.engine.device, t.gpu_bytes, t.cpu_bytes, t.io_threads,
+                              t.retry_after, t.verify)
         self.repair = Repair.parse(repair)
-        self.doc_template = doc_template
-        self.question_template = question_template
-        if max_chunk_tokens < 1:
-            raise ValueError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
-        self.max_chunk_tokens = max_chunk_tokens
         self.batch_size = batch_size
-        self.namespace = namespace
-        head, self._tail = self._chat_parts(system_prompt)
-        self.prefix_ids = self._encode(head + instruction, special=not self._has_template)
-        self._prefix_hash = ids_hash(self.prefix_ids)
-        self._prefix: ChunkKV | None = None
-        self._index: dict[str, list[list[int]]] = {}
-        self._lock = threading.RLock()
+        self.layout = PromptLayout(self.tokenizer, self.engine, self.tiers, self.prompt_config, namespace)
+        self.prefix = SharedPrefix(self.engine, self.layout, self.tiers)
+        self._long: LongDocuments | None = None
         stop = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         stops = [stop] if isinstance(stop, int) else list(stop or [])
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             stops.append(self.tokenizer.eos_token_id)
         self.stop_ids = sorted(set(stops))
 
+    # -- token ids and keys (PromptLayout) -------------------------------------------------
+    @property
+    def namespace(self) -> str:
+        return self.layout.namespace
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        return self.layout.prefix_ids
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.layout.question_ids(question)
+
+    def passage_chunks(self, passage: Passage) -> list[list[int]]:
+        """Token ids of a passage's chunks (split every max_chunk_tokens tokens)."""
+        return self.layout.passage_chunks(passage)
+
+    def prompt_ids(self, question: str, passages_or_ids: Sequence[PassageOrId]) -> list[int]:
+        """The exact token ids both the cached and the full-prefill paths answer from."""
+        return self.layout.prompt_ids(question, passages_or_ids)
+
+    # Short names of the layout's, kept for the tests and benches that name entries with them.
+    def _fp(self, ids: Sequence[int]) -> str:
+        return self.layout.fingerprint(ids)
+
+    def _key(self, fp: str) -> str:
+        return self.layout.key(fp)
+
+    def _resolve(self, items: Sequence[PassageOrId]) -> list[list[list[int]]]:
+        return self.layout.resolve(items)
+
     # -- precompute ------------------------------------------------------------------------
     def prefix_kv(self, stats: KVStats | None = None) -> ChunkKV:
         """The shared prefix's KV (tiers -> store -> encode)."""
-        if self._prefix is not None:
-            return self._prefix
-        fp, key = self._prefix_fp(), self._key(self._prefix_fp())
-        found = self.tiers.lookup(key, fp, self.prefix_ids, stats)
-        chunk = found.result() if isinstance(found, Future) else found
-        if chunk is None:
-            chunk = self.engine.encode_prefix(self.prefix_ids)
-            self.tiers.put(key, chunk, keep=False, stats=stats)
-        self._prefix = chunk.to(self.engine.device) if chunk.device != self.engine.device else chunk
-        return self._prefix
+        return self.prefix.get(stats)
 
     def add(self, passages: Sequence[Passage | str], keep: bool = True) -> list[str]:
         """Encode and store every chunk not cached yet; returns the passage ids.
@@ -138,11 +158,11 @@ class KVCache(PromptLayout):
         prefix = self.prefix_kv()
         todo: dict[str, list[int]] = {}
         listed = self.tiers.stored_keys(self.namespace + ":")  # one listing, not one read per key
-        records = [(p, self.passage_chunks(p)) for p in items]
-        self._remember(records)
+        records = [(p, self.layout.passage_chunks(p)) for p in items]
+        self.layout.remember(records)
         for _, chunks in records:
             for c in chunks:
-                key = self._key(self._fp(c))
+                key = self.layout.key(self.layout.fingerprint(c))
                 if key in todo or key in self.tiers.cpu or key in self.tiers.gpu:
                     continue
                 if (key not in listed) if listed is not None else not self.tiers.contains(key):
@@ -157,8 +177,9 @@ class KVCache(PromptLayout):
 
     def prefetch(self, passages_or_ids: Sequence[PassageOrId]) -> list[Future]:
         """Start loading these passages' KV from the store into the CPU tier (non-blocking)."""
-        chunks = [c for cs in self._resolve(passages_or_ids) for c in cs]
-        return self.tiers.prefetch([(self._key(self._fp(c)), self._fp(c), c) for c in chunks])
+        chunks = [c for cs in self.layout.resolve(passages_or_ids) for c in cs]
+        fps = [self.layout.fingerprint(c) for c in chunks]
+        return self.tiers.prefetch([(self.layout.key(fp), fp, c) for fp, c in zip(fps, chunks, strict=True)])
 
     # -- answering -------------------------------------------------------------------------
     def generate(self, question: str, passages_or_ids: Sequence[PassageOrId], max_new_tokens: int = 64,
@@ -170,11 +191,10 @@ class KVCache(PromptLayout):
         t0 = time.perf_counter()
         stats = KVStats()
         rep = self.repair if repair is True else Repair.parse(repair or None)
-        chunk_ids = [c for cs in self._resolve(passages_or_ids) for c in cs]
-        prefix = self.prefix_kv(stats)
-        self._count_prefix(stats, prefix)
-        fps = [self._fp(c) for c in chunk_ids]
-        keys = [self._key(fp) for fp in fps]
+        chunk_ids = [c for cs in self.layout.resolve(passages_or_ids) for c in cs]
+        prefix = self.prefix.for_answer(stats)
+        fps = [self.layout.fingerprint(c) for c in chunk_ids]
+        keys = [self.layout.key(fp) for fp in fps]
         # Store reads start now, all entries in one store call (two pipelined round trips on Redis),
         # and run while the question is tokenised.
         pending = self.tiers.lookup_many(list(zip(keys, fps, chunk_ids, strict=True)), stats)
@@ -239,7 +259,7 @@ class KVCache(PromptLayout):
         if streamed and self.tiers.gpu.max_bytes:
             for key, chunk in zip(keys, chunks, strict=True):  # promote for the next question
                 self.tiers.to_gpu(key, chunk)
-        self._warn(stats)
+        self.tiers.warn_faults(stats)
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return KVAnswer(text, out, asm.ids + q_ids, stats)
 
@@ -263,19 +283,18 @@ class KVCache(PromptLayout):
         return KVAnswer(self.tokenizer.decode(out, skip_special_tokens=True).strip(), out, ids, stats)
 
     # -- long documents (KV page retrieval, ragcomp.kv.pages) --------------------------------
-    def long_documents(self, **options: Any) -> Any:
+    def long_documents(self, **options: Any) -> LongDocuments:
         """The `LongDocuments` of this cache (created on first use; `options` apply then:
         prefill_chunk, score_layers, embedder)."""
-        if getattr(self, "_long", None) is None:
-            from ragcomp.kv.pages import LongDocuments
-
-            self._long = LongDocuments(self, **options)
+        if self._long is None:
+            self._long = LongDocuments(self.engine, self.layout, self.prefix, self.tiers, self.stop_ids,
+                                       **options)
         elif options:
             raise ValueError("long_documents() options can only be set on first use")
         return self._long
 
     def add_long(self, document_id: str, text: str | Sequence[int], page_tokens: int = 64,
-                 keep: bool = True) -> Any:
+                 keep: bool = True) -> LongDocument:
         """Encode a long document once (chunked prefill) and keep it as KV pages."""
         return self.long_documents().add(document_id, text, page_tokens=page_tokens, keep=keep)
 
@@ -283,20 +302,6 @@ class KVCache(PromptLayout):
                  scoring: str = "hybrid", max_new_tokens: int = 64) -> KVAnswer:
         """Answer from the document's best KV pages (see `ragcomp.kv.pages`)."""
         return self.long_documents().ask(question, document_id, page_budget_tokens, scoring, max_new_tokens)
-
-    def _count_prefix(self, stats: KVStats, prefix: ChunkKV) -> None:
-        tier = "gpu" if prefix.device.type == "cuda" else "cpu"
-        stats.hits[tier] += 1
-        stats.bytes_loaded[tier] += prefix.nbytes
-
-    def _warn(self, stats: KVStats) -> None:
-        if stats.store_errors:
-            warnings.warn(
-                f"KV store unavailable ({self.tiers.last_store_error or 'skipped after a recent failure'}); "
-                f"recomputed {stats.misses} chunk(s) instead", RuntimeWarning, stacklevel=3)
-        if stats.corrupt_entries:
-            warnings.warn(f"dropped {stats.corrupt_entries} corrupt KV entr(y/ies) and recomputed them",
-                          RuntimeWarning, stacklevel=3)
 
     # -- housekeeping ----------------------------------------------------------------------
     def clear_tiers(self) -> None:

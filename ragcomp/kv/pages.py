@@ -1,4 +1,5 @@
-"""KV page retrieval over long documents (RetroLM-style), on top of `KVCache`.
+"""KV page retrieval over long documents (RetroLM-style), on the engine, prompt layout, shared
+prefix and tiers of a `KVCache` (which makes one: `KVCache.long_documents()`).
 
     kv = KVCache(model="smollm2-135m", store="disk:/tmp/kv")
     kv.add_long("report", long_text)                  # encoded once, kept as 64-token pages
@@ -26,9 +27,11 @@ import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ragcomp.kv.cache_prompt import PromptLayout
 from ragcomp.kv.codec import ChunkKV, CorruptEntryError, decode_entry, encode_entry
+from ragcomp.kv.engine import KVEngine
 from ragcomp.kv.fingerprint import ids_hash
 from ragcomp.kv.pages_score import (
     NULL_QUESTION,
@@ -47,28 +50,34 @@ from ragcomp.kv.pages_score import (
     split_pages,
 )
 from ragcomp.kv.pages_types import LongDocument, PageStats
-from ragcomp.kv.tiers import _FAULTS
+from ragcomp.kv.prefix import SharedPrefix
+from ragcomp.kv.tiers import STORE_FAULTS, TieredKV
 from ragcomp.kv.types import KVAnswer
-
-if TYPE_CHECKING:
-    from ragcomp.kv.cache import KVCache
 
 
 class LongDocuments:
-    """Long documents of one `KVCache`, kept as KV pages, answered from the best pages.
+    """Long documents kept as KV pages, answered from the best pages (one per `KVCache`).
 
     Args:
-        kv: the cache whose model, prompt layout, tiers and store are used.
+        engine: the model's engine.
+        layout: token ids, prefix ids and entry keys of the cache's prompts.
+        prefix: the shared prefix's KV, as the cache holds it.
+        tiers: the GPU/CPU tiers and the store the pages live in.
+        stop_ids: token ids that end an answer.
         prefill_chunk: tokens per forward pass while encoding a document.
-        score_layers: layers whose keys score pages (default: a quarter, half and three
-            quarters of the depth).
+        score_layers: layers whose keys score pages (default: four layers spread over the
+            upper 60% of the depth, `pages_score.default_score_layers`).
         embedder: text embedder for page embeddings (offline alias or path).
     """
 
-    def __init__(self, kv: KVCache, prefill_chunk: int = 1024, score_layers: Sequence[int] | None = None,
-                 embedder: str = "minilm") -> None:
-        self.kv = kv
-        self.engine = kv.engine
+    def __init__(self, engine: KVEngine, layout: PromptLayout, prefix: SharedPrefix, tiers: TieredKV,
+                 stop_ids: Sequence[int], prefill_chunk: int = 1024,
+                 score_layers: Sequence[int] | None = None, embedder: str = "minilm") -> None:
+        self.engine = engine
+        self.layout = layout
+        self.prefix = prefix
+        self.tiers = tiers
+        self.stop_ids = list(stop_ids)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -84,22 +93,22 @@ class LongDocuments:
 
     # -- keys -----------------------------------------------------------------------------
     def _doc_key(self, doc_id: str) -> str:
-        layout = json.dumps([self.engine.model_fp, self.kv._prefix_hash, "long"])
+        layout = json.dumps([self.engine.model_fp, self.layout.prefix_hash, "long"])
         digest = hashlib.blake2b(f"{layout}\x00{doc_id}".encode(), digest_size=16).hexdigest()
-        return f"{self.kv.namespace}:longdoc:{digest}"
+        return f"{self.layout.namespace}:longdoc:{digest}"
 
     def _score_fp(self, doc: LongDocument) -> str:
         return json.dumps({"kind": "page-score-keys", "model": self.engine.model_fp,
-                           "prefix": self.kv._prefix_hash, "doc": ids_hash(doc.ids),
+                           "prefix": self.layout.prefix_hash, "doc": ids_hash(doc.ids),
                            "layers": self.score_layers}, sort_keys=True)
 
     def _page_keys(self, doc: LongDocument) -> list[str]:
-        return [self.kv._key(fp) for fp in doc.fingerprints]
+        return [self.layout.key(fp) for fp in doc.fingerprints]
 
     # -- adding ---------------------------------------------------------------------------
     def _layout(self, doc_id: str, ids: list[int], page_tokens: int) -> LongDocument:
         bounds = page_bounds(len(ids), page_tokens)
-        fps = [page_fingerprint(self.engine, self.kv.prefix_ids, ids, s, e) for s, e in bounds]
+        fps = [page_fingerprint(self.engine, self.layout.prefix_ids, ids, s, e) for s, e in bounds]
         return LongDocument(doc_id, ids, page_tokens, bounds, fps)
 
     def add(self, doc_id: str, text: str | Sequence[int], page_tokens: int = 64, keep: bool = True
@@ -111,16 +120,16 @@ class LongDocuments:
         if isinstance(text, str):
             if not text.strip():
                 raise ValueError(f"document {doc_id!r} is empty")
-            ids = self.kv._encode(text)
+            ids = self.layout.encode(text)
         else:
             ids = [int(t) for t in text]
             if not ids:
                 raise ValueError(f"document {doc_id!r} has no tokens")
         doc = self._layout(doc_id, ids, page_tokens)
-        prefix = self.kv.prefix_kv()
+        prefix = self.prefix.get()
         keys = self._page_keys(doc)
-        listed = self.kv.tiers.stored_keys(self.kv.namespace + ":")  # one listing, not one read per page
-        tiers = self.kv.tiers
+        tiers = self.tiers
+        listed = tiers.stored_keys(self.layout.namespace + ":")  # one listing, not one read per page
 
         def held(key: str) -> bool:
             if key in tiers.cpu or key in tiers.gpu:
@@ -142,33 +151,33 @@ class LongDocuments:
     def _encode(self, doc: LongDocument, prefix: ChunkKV, keep: bool) -> list[ChunkKV]:
         """Encode the document, store its pages and its score keys; returns the pages."""
         k, v = encode_document(self.engine, prefix, doc.ids, self.prefill_chunk)
-        pages = split_pages(self.engine, self.kv.prefix_ids, doc.ids, k, v, doc.page_tokens)
+        pages = split_pages(self.engine, self.layout.prefix_ids, doc.ids, k, v, doc.page_tokens)
         sk = score_keys(self.engine, k, self.score_layers, len(prefix))
         del k, v
-        self.kv.tiers.put_many(list(zip(self._page_keys(doc), pages, strict=True)), keep=keep)
+        self.tiers.put_many(list(zip(self._page_keys(doc), pages, strict=True)), keep=keep)
         self._score_keys[doc.cache_key] = sk
-        if self.kv.tiers.store_available():
+        if self.tiers.store_available():
             entry = ChunkKV(doc.ids, sk.cpu(), sk[:, :, :0].cpu(), len(prefix), self._score_fp(doc))
-            with contextlib.suppress(*_FAULTS):  # kept in memory; another process re-encodes
-                self.kv.store.set(self.kv._key(self._score_fp(doc)), encode_entry(entry))
+            with contextlib.suppress(*STORE_FAULTS):  # kept in memory; another process re-encodes
+                self.tiers.store.set(self.layout.key(self._score_fp(doc)), encode_entry(entry))
         return pages
 
     def _remember(self, doc: LongDocument) -> None:
-        if not self.kv.tiers.store_available():
+        if not self.tiers.store_available():
             return
         record = json.dumps({"id": doc.id, "ids": doc.ids, "page_tokens": doc.page_tokens}).encode()
-        with contextlib.suppress(*_FAULTS):  # the id then resolves in this process only
-            self.kv.store.set(self._doc_key(doc.id), record)
+        with contextlib.suppress(*STORE_FAULTS):  # the id then resolves in this process only
+            self.tiers.store.set(self._doc_key(doc.id), record)
 
     def document(self, doc_id: str) -> LongDocument:
         """A document added here or, by id, in another process sharing the store."""
         if doc_id in self._docs:
             return self._docs[doc_id]
         raw = None
-        if self.kv.tiers.store_available():
+        if self.tiers.store_available():
             try:
-                raw = self.kv.store.get(self._doc_key(doc_id))
-            except _FAULTS:
+                raw = self.tiers.store.get(self._doc_key(doc_id))
+            except STORE_FAULTS:
                 raw = None
         if raw is not None:
             try:
@@ -186,11 +195,11 @@ class LongDocuments:
         sk = self._score_keys.get(doc.cache_key)
         if sk is not None:
             return sk
-        if not self.kv.tiers.store_available():
+        if not self.tiers.store_available():
             return None
         try:
-            raw = self.kv.store.get(self.kv._key(self._score_fp(doc)))
-        except _FAULTS:
+            raw = self.tiers.store.get(self.layout.key(self._score_fp(doc)))
+        except STORE_FAULTS:
             return None
         if raw is None:
             return None
@@ -206,23 +215,22 @@ class LongDocuments:
 
     def _prefix_score_keys(self) -> Any:
         if self._prefix_score is None:
-            prefix = self.kv.prefix_kv()
-            pk, _ = prefix.dequantized(self.engine.dtype)
+            pk, _ = self.prefix.get().dequantized(self.engine.dtype)
             self._prefix_score = score_keys(self.engine, pk.to(self.engine.device), self.score_layers, 0)
         return self._prefix_score
 
     def _prior(self, doc: LongDocument, sk: Any) -> Any:
         """What a content-free question attends to in this document (once per document)."""
         if doc.cache_key not in self._priors:
-            self._priors[doc.cache_key] = self._mass(self.kv._encode(NULL_QUESTION), sk)
+            self._priors[doc.cache_key] = self._mass(self.layout.encode(NULL_QUESTION), sk)
         return self._priors[doc.cache_key]
 
     def _mass(self, ids: list[int], sk: Any) -> Any:
-        q = question_queries(self.engine, self.kv.prefix_kv(), ids, self.score_layers)
+        q = question_queries(self.engine, self.prefix.get(), ids, self.score_layers)
         return attention_token_mass(q, self._prefix_score_keys(), sk)
 
     def page_texts(self, doc: LongDocument) -> list[str]:
-        tok = self.kv.tokenizer
+        tok = self.layout.tokenizer
         return [tok.decode(doc.ids[s:e], skip_special_tokens=True) for s, e in doc.bounds]
 
     def _embedder_obj(self) -> Any:
@@ -253,11 +261,11 @@ class LongDocuments:
         if scoring in ("attention", "hybrid"):
             sk = self._load_score_keys(doc)
             if sk is None:
-                self._encode(doc, self.kv.prefix_kv(), keep=True)
+                self._encode(doc, self.prefix.get(), keep=True)
                 sk = self._score_keys[doc.cache_key]
             if stats is not None:
                 stats.bytes_score += sk.numel() * sk.element_size()
-            mass = self._mass(self.kv._encode(question), sk)
+            mass = self._mass(self.layout.encode(question), sk)
             att = attention_page_scores(mass, self._prior(doc, sk), doc.page_tokens)
         if scoring in ("embedding", "hybrid"):
             index = self._page_index(doc)
@@ -281,10 +289,10 @@ class LongDocuments:
         (full-context decoding from the stored KV). The question is never cut: the budget
         counts document tokens only."""
         t0 = time.perf_counter()
-        eng, kv = self.engine, self.kv
+        eng, tiers = self.engine, self.tiers
         stats = PageStats(scoring=scoring)
         doc = self.document(doc_id)
-        q_ids = kv.question_ids(question)
+        q_ids = self.layout.question_ids(question)
         if page_budget_tokens is not None:
             if isinstance(page_budget_tokens, bool) or not isinstance(page_budget_tokens, int):
                 raise TypeError(f"page_budget_tokens must be an int or None, got {page_budget_tokens!r}")
@@ -294,8 +302,7 @@ class LongDocuments:
                                  f"({len(doc.ids)} tokens): no page fits")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-        prefix = kv.prefix_kv(stats)
-        kv._count_prefix(stats, prefix)
+        prefix = self.prefix.for_answer(stats)
         lengths = [e - s for s, e in doc.bounds]
         everything = page_budget_tokens is None or page_budget_tokens >= len(doc.ids)
         t = time.perf_counter()
@@ -307,7 +314,7 @@ class LongDocuments:
             kept = select_pages(scores, lengths, page_budget_tokens)
         stats.seconds_score = time.perf_counter() - t
         keys = self._page_keys(doc)
-        pending = [kv.tiers.lookup(keys[i], doc.fingerprints[i], doc.ids[s:e], stats)
+        pending = [tiers.lookup(keys[i], doc.fingerprints[i], doc.ids[s:e], stats)
                    for i, (s, e) in ((i, doc.bounds[i]) for i in kept)]
         t = time.perf_counter()
         pages = [p.result() if isinstance(p, Future) else p for p in pending]
@@ -320,7 +327,7 @@ class LongDocuments:
             every = self._encode(doc, prefix, keep=True)
             pages = [every[i] if p is None else p for i, p in zip(kept, pages, strict=True)]
             stats.seconds_compute_misses = time.perf_counter() - t
-        pages = [kv.tiers.to_gpu(keys[i], p) for i, p in zip(kept, pages, strict=True)]
+        pages = [tiers.to_gpu(keys[i], p) for i, p in zip(kept, pages, strict=True)]
         stats.bytes_pages = sum(p.nbytes for p in pages)
         stats.bytes_all_pages = round(sum(lengths) * _page_bytes_per_token(pages))
         total = len(prefix) + sum(len(p) for p in pages)
@@ -345,11 +352,11 @@ class LongDocuments:
         stats.seconds_prefill_question = time.perf_counter() - t
         stats.ttft = time.perf_counter() - t0
         t = time.perf_counter()
-        out = eng.decode(cache, logits, total + len(q_ids), max_new_tokens, kv.stop_ids)
+        out = eng.decode(cache, logits, total + len(q_ids), max_new_tokens, self.stop_ids)
         stats.seconds_decode = time.perf_counter() - t
         stats.new_tokens = len(out)
-        kv._warn(stats)
-        text = kv.tokenizer.decode(out, skip_special_tokens=True).strip()
+        tiers.warn_faults(stats)
+        text = self.layout.tokenizer.decode(out, skip_special_tokens=True).strip()
         return KVAnswer(text, out, asm.ids + q_ids, stats)
 
 

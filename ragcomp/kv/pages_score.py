@@ -23,8 +23,9 @@ from typing import Any
 from ragcomp._optional import require
 from ragcomp.hf_cache import cache_arg
 from ragcomp.kv.codec import ChunkKV, quantize
-from ragcomp.kv.engine import KVEngine, _rotate_into, _StopForward
+from ragcomp.kv.engine_core import EngineCore
 from ragcomp.kv.fingerprint import chunk_fingerprint, ids_hash
+from ragcomp.kv.ops import StopForward, rotate_into, stop_forward
 
 SCORINGS = ("attention", "embedding", "hybrid")
 
@@ -40,7 +41,7 @@ def default_score_layers(num_layers: int) -> list[int]:
     return sorted(picks)
 
 
-def check_score_layers(engine: KVEngine, layers: Sequence[int]) -> list[int]:
+def check_score_layers(engine: EngineCore, layers: Sequence[int]) -> list[int]:
     out = sorted({int(x) for x in layers})
     if not out or out[0] < 0 or out[-1] >= engine.num_layers:
         raise ValueError(f"score layers must be within 0..{engine.num_layers - 1}, got {list(layers)}")
@@ -54,7 +55,7 @@ def page_bounds(n_tokens: int, page_tokens: int) -> list[tuple[int, int]]:
     return [(s, min(s + page_tokens, n_tokens)) for s in range(0, n_tokens, page_tokens)]
 
 
-def page_fingerprint(engine: KVEngine, prefix_ids: Sequence[int], doc_ids: Sequence[int],
+def page_fingerprint(engine: EngineCore, prefix_ids: Sequence[int], doc_ids: Sequence[int],
                      start: int, end: int) -> str:
     """A page's KV depends on the prefix and on every document token before it: both go into
     the hash that chunk fingerprints give to 'what came before'."""
@@ -62,7 +63,7 @@ def page_fingerprint(engine: KVEngine, prefix_ids: Sequence[int], doc_ids: Seque
     return chunk_fingerprint(engine.model_fp, engine.storage, "page:" + before, list(doc_ids[start:end]))
 
 
-def encode_document(engine: KVEngine, prefix: ChunkKV, doc_ids: Sequence[int], prefill_chunk: int = 1024
+def encode_document(engine: EngineCore, prefix: ChunkKV, doc_ids: Sequence[int], prefill_chunk: int = 1024
                     ) -> tuple[Any, Any]:
     """(keys, values) [layers, kv_heads, tokens, dim] of the document encoded after `prefix`,
     `prefill_chunk` tokens per forward pass, at positions len(prefix)... (native dtype)."""
@@ -86,11 +87,11 @@ def encode_document(engine: KVEngine, prefix: ChunkKV, doc_ids: Sequence[int], p
             part = doc_ids[s : s + prefill_chunk]
             engine.decoder(input_ids=torch.tensor([part], device=engine.device),
                            **cache_arg(engine.decoder, cache),
-                           position_ids=engine._positions(plen + s, len(part)), use_cache=True)
-        return engine._stack(cache, 0, plen, total)
+                           position_ids=engine.positions(plen + s, len(part)), use_cache=True)
+        return engine.stacked(cache, 0, plen, total)
 
 
-def split_pages(engine: KVEngine, prefix_ids: Sequence[int], doc_ids: Sequence[int], keys: Any, values: Any,
+def split_pages(engine: EngineCore, prefix_ids: Sequence[int], doc_ids: Sequence[int], keys: Any, values: Any,
                 page_tokens: int) -> list[ChunkKV]:
     """One stored-form ChunkKV per page (own memory, in the engine's storage kind)."""
     plen = len(prefix_ids)
@@ -102,7 +103,7 @@ def split_pages(engine: KVEngine, prefix_ids: Sequence[int], doc_ids: Sequence[i
     return out
 
 
-def unrotated(engine: KVEngine, keys: Any, start: int) -> Any:
+def unrotated(engine: EngineCore, keys: Any, start: int) -> Any:
     """Keys [..., tokens, dim] encoded at positions start.. rotated back to position 0 (fp32)."""
     torch = engine.torch
     n = keys.shape[-2]
@@ -110,18 +111,18 @@ def unrotated(engine: KVEngine, keys: Any, start: int) -> Any:
     ang = -pos[:, None] * engine.inv_freq.to(device=keys.device, dtype=torch.float64)[None, :]
     cos, sin = ang.cos().float(), ang.sin().float()
     out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
-    _rotate_into(torch, keys.float(), cos, sin, out)
+    rotate_into(torch, keys.float(), cos, sin, out)
     return out
 
 
-def score_keys(engine: KVEngine, keys: Any, layers: Sequence[int], start: int) -> Any:
+def score_keys(engine: EngineCore, keys: Any, layers: Sequence[int], start: int) -> Any:
     """What attention scoring reads: keys of `layers` without RoPE, fp16,
     [len(layers), heads, tokens, dim]."""
     idx = list(layers)
     return unrotated(engine, keys[idx], start).to(engine.torch.float16)
 
 
-def question_queries(engine: KVEngine, prefix: ChunkKV, ids: Sequence[int], layers: Sequence[int]) -> Any:
+def question_queries(engine: EngineCore, prefix: ChunkKV, ids: Sequence[int], layers: Sequence[int]) -> Any:
     """Query vectors without RoPE of `ids` read after the prefix, at `layers`:
     [len(layers), attention_heads, tokens, dim], float32. The forward stops after the
     deepest layer asked for."""
@@ -146,13 +147,13 @@ def question_queries(engine: KVEngine, prefix: ChunkKV, ids: Sequence[int], laye
             # Qwen3 normalises queries per head after the projection: read them after that norm.
             mod = getattr(attn, "q_norm", None) or attn.q_proj
             hooks.append(mod.register_forward_hook(grab(layer)))
-        hooks.append(engine.decoder.layers[max(layers)].register_forward_hook(_stop))
+        hooks.append(engine.decoder.layers[max(layers)].register_forward_hook(stop_forward))
         try:
             cache = engine.make_cache(pk.to(engine.device), pv.to(engine.device))
             engine.decoder(input_ids=torch.tensor([ids], device=engine.device),
                            **cache_arg(engine.decoder, cache),
-                           position_ids=engine._positions(len(prefix), len(ids)), use_cache=True)
-        except _StopForward:
+                           position_ids=engine.positions(len(prefix), len(ids)), use_cache=True)
+        except StopForward:
             pass
         finally:
             for h in hooks:
@@ -160,10 +161,6 @@ def question_queries(engine: KVEngine, prefix: ChunkKV, ids: Sequence[int], laye
     dim = engine.head_dim
     # q_proj output [1, tokens, heads * dim] (q_norm's is [1, tokens, heads, dim]): to [heads, tokens, dim]
     return torch.stack([captured[x].reshape(len(ids), -1, dim).transpose(0, 1).float() for x in layers])
-
-
-def _stop(*_: Any) -> None:
-    raise _StopForward
 
 
 def attention_token_mass(queries: Any, prefix_keys: Any, doc_keys: Any) -> Any:

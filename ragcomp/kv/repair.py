@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ragcomp.hf_cache import cache_arg
-
-if TYPE_CHECKING:  # engine imports this module; only type hints go the other way
-    from ragcomp.kv.engine import Assembled, KVEngine
+from ragcomp.kv.codec import ChunkKV
+from ragcomp.kv.engine_core import EngineCore
+from ragcomp.kv.ops import Assembled, StopForward, stop_forward
+from ragcomp.kv.pages_score import attention_token_mass, question_queries, unrotated
 
 MODES = ("first", "deviation", "attention")
 
@@ -86,7 +87,7 @@ def candidates(asm: Assembled) -> list[int]:
     return [p for s, e in asm.spans[2:] for p in range(s, e)]
 
 
-def select(engine: KVEngine, asm: Assembled, repair: Repair, question_ids: Sequence[int] | None = None
+def select(engine: EngineCore, asm: Assembled, repair: Repair, question_ids: Sequence[int] | None = None
            ) -> list[int]:
     """Sorted positions to recompute for `repair`."""
     cand = candidates(asm)
@@ -110,26 +111,20 @@ def select(engine: KVEngine, asm: Assembled, repair: Repair, question_ids: Seque
     return sorted(torch.tensor(cand)[top].tolist())
 
 
-def _deviation(engine: KVEngine, asm: Assembled, cand: list[int]) -> Any:
+def _deviation(engine: EngineCore, asm: Assembled, cand: list[int]) -> Any:
     """Per candidate: how far its layer-1 keys move once layers 0-1 see the whole context."""
-    from ragcomp.kv.engine import _StopForward
-
     torch = engine.torch
     if engine.num_layers < 2:
         return torch.arange(len(cand), 0, -1, dtype=torch.float32)  # no deviation to read: earliest first
     cache = engine.make_cache()
-
-    def stop(*_: Any) -> None:
-        raise _StopForward
-
     # The hook lives on the shared model: attach it only while holding the model's lock.
     with engine.lock, torch.inference_mode():
-        handle = engine.decoder.layers[1].register_forward_hook(stop)
+        handle = engine.decoder.layers[1].register_forward_hook(stop_forward)
         try:
             engine.decoder(input_ids=torch.tensor([asm.ids], device=engine.device),
                            **cache_arg(engine.decoder, cache),
-                           position_ids=engine._positions(0, len(asm.ids)), use_cache=True)
-        except _StopForward:
+                           position_ids=engine.positions(0, len(asm.ids)), use_cache=True)
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -143,12 +138,9 @@ def score_layers(num_layers: int) -> list[int]:
     return sorted({max(0, min(num_layers - 1, round(num_layers * f))) for f in (0.25, 0.5, 0.75)})
 
 
-def _question_attention(engine: KVEngine, asm: Assembled, cand: list[int],
+def _question_attention(engine: EngineCore, asm: Assembled, cand: list[int],
                         question_ids: Sequence[int]) -> Any:
     """Per candidate: the softmax mass the question's queries put on its cached keys."""
-    from ragcomp.kv.codec import ChunkKV
-    from ragcomp.kv.pages_score import attention_token_mass, question_queries, unrotated
-
     torch = engine.torch
     plen = asm.spans[0][1]
     layers = score_layers(engine.num_layers)
@@ -164,7 +156,7 @@ def _question_attention(engine: KVEngine, asm: Assembled, cand: list[int],
     return mass[torch.tensor(cand) - plen]
 
 
-def recompute(engine: KVEngine, asm: Assembled, positions: Sequence[int]) -> None:
+def recompute(engine: EngineCore, asm: Assembled, positions: Sequence[int]) -> None:
     """Recompute KV at `positions` in one forward pass, in place.
 
     The selected tokens are appended after the context with their own positions and a

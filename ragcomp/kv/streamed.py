@@ -1,9 +1,10 @@
 """Streamed assembly on a GPU: chunk KV copied layer group by layer group under the question's
-forward pass (`KVEngine.prefill_streamed`). A copy stream moves each group's slices of every
-chunk into one staging buffer, a compute stream gathers them into token order, rotates the keys
-and fills the cache's layers, and a forward pre-hook on the group's first layer makes the
-question wait just for its own group. The stream helpers and the staging, gathering and rotating
-steps live here; `KVEngine` keeps the model-side primitives they use (buffers, caches, prefill).
+forward pass (`prefill_streamed`, also `KVEngine.prefill_streamed`). A copy stream moves each
+group's slices of every chunk into one staging buffer, a compute stream gathers them into token
+order, rotates the keys and fills the cache's layers, and a forward pre-hook on the group's first
+layer makes the question wait just for its own group. The stream helpers and the staging,
+gathering and rotating steps live here; `EngineCore` keeps the model-side primitives they use
+(buffers, caches, side streams, prefill).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ragcomp.kv.codec import ChunkKV
-from ragcomp.kv.engine import Assembled, KVEngine, _rotate_into
+from ragcomp.kv.engine_core import EngineCore
+from ragcomp.kv.ops import Assembled, rotate_into
 
 
 def _waiter(event: Any) -> Callable[..., None]:
@@ -40,10 +42,11 @@ def _record(torch: Any, stream: Any) -> Any:
     return ev
 
 
-def prefill_streamed(engine: KVEngine, prefix: ChunkKV, chunks: Sequence[ChunkKV], q_ids: Sequence[int],
+def prefill_streamed(engine: EngineCore, prefix: ChunkKV, chunks: Sequence[ChunkKV], q_ids: Sequence[int],
                      groups: int = 8, timings: dict[str, float] | None = None, reserve: int | None = None
                      ) -> tuple[Assembled, Any, Any]:
-    """`KVEngine.prefill_streamed` on `engine` (see there)."""
+    """Assemble and prefill the question in one go on `engine`: (assembled, cache, next-token
+    logits). See `KVEngine.prefill_streamed`."""
     torch = engine.torch
     t_start = time.perf_counter()
     n_layers = engine.num_layers
@@ -68,7 +71,7 @@ def prefill_streamed(engine: KVEngine, prefix: ChunkKV, chunks: Sequence[ChunkKV
     size = -(-n_layers // max(1, groups))
     bounds = [(a, min(a + size, n_layers)) for a in range(0, n_layers, size)]
     cuda = engine.device.type == "cuda"
-    copy_s, comp_s = _side_streams(engine) if cuda else (None, None)
+    copy_s, comp_s = engine.side_streams() if cuda else (None, None)
     main = torch.cuda.current_stream(engine.device) if cuda else None
     events: list[Any] = []
     cache = engine.make_cache()
@@ -146,12 +149,6 @@ def prefill_streamed(engine: KVEngine, prefix: ChunkKV, chunks: Sequence[ChunkKV
     return asm, cache, logits
 
 
-def _side_streams(engine: KVEngine) -> tuple[Any, Any]:
-    if getattr(engine, "_streams", None) is None:
-        engine._streams = (engine.torch.cuda.Stream(engine.device), engine.torch.cuda.Stream(engine.device))
-    return engine._streams
-
-
 def _group_views(c: ChunkKV, bounds: list[tuple[int, int]]) -> list[Any]:
     """Per layer group, flat contiguous views of the chunk's [g, 2, heads, n, dim] data
     (and scales): one view each when the chunk is packed, else (keys, values) pairs."""
@@ -167,7 +164,7 @@ def _group_views(c: ChunkKV, bounds: list[tuple[int, int]]) -> list[Any]:
     return out
 
 
-def _copy_group(engine: KVEngine, src: list[list[Any]], lens: list[int], gi: int, g: int,
+def _copy_group(engine: EngineCore, src: list[list[Any]], lens: list[int], gi: int, g: int,
                 quant: bool) -> list[Any]:
     """Staging of one layer group: chunk after chunk, each [g, 2, heads, n_i, dim]."""
     torch = engine.torch
@@ -195,7 +192,7 @@ def _copy_group(engine: KVEngine, src: list[list[Any]], lens: list[int], gi: int
     return out
 
 
-def _rotate_group(engine: KVEngine, staged: list[Any], rows: tuple[Any, Any], g: int, tc: int,
+def _rotate_group(engine: EngineCore, staged: list[Any], rows: tuple[Any, Any], g: int, tc: int,
                   cos: Any, sin: Any, k_out: Any, v_out: Any) -> None:
     torch = engine.torch
     heads, dim = engine.kv_heads, engine.head_dim
@@ -208,5 +205,5 @@ def _rotate_group(engine: KVEngine, staged: list[Any], rows: tuple[Any, Any], g:
         k = k.to(torch.float32) * stage_s.index_select(0, rk).view(g, heads, tc, 1)
         v = v.to(torch.float32) * stage_s.index_select(0, rv).view(g, heads, tc, 1)
     # The same arithmetic as `place`, so both paths give identical bits.
-    _rotate_into(torch, k, cos, sin, k_out)
+    rotate_into(torch, k, cos, sin, k_out)
     v_out.copy_(v)

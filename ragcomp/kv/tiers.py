@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,9 @@ from ragcomp.kv.codec import ChunkKV, CorruptEntryError, decode_entry, encode_en
 from ragcomp.kv.types import KVStats
 
 log = logging.getLogger("ragcomp.kv")
-_FAULTS = (RuntimeError, OSError, ConnectionError, TimeoutError)  # StoreError is a RuntimeError
+# What a store raises when it is down or failing (StoreError is a RuntimeError): every store access of
+# the KV layer catches these, so a store fault never fails an answer.
+STORE_FAULTS = (RuntimeError, OSError, ConnectionError, TimeoutError)
 
 
 def _read_many(store: Any, keys: Sequence[str]) -> list[Any]:
@@ -203,7 +206,7 @@ class TieredKV:
             return [None] * len(items)
         try:
             raws = _read_many(self.store, [key for key, _, _ in items])
-        except _FAULTS as e:
+        except STORE_FAULTS as e:
             self._store_failed(e, stats)
             return [None] * len(items)
         # A store that checks every value it returns against a checksum taken when it was
@@ -238,7 +241,7 @@ class TieredKV:
     def _delete(self, key: str) -> None:
         try:
             self.store.delete(key)
-        except _FAULTS as e:
+        except STORE_FAULTS as e:
             log.warning("could not delete KV entry %s: %s", key, e)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -312,7 +315,7 @@ class TieredKV:
             return set(self.store.keys(prefix))
         except NotImplementedError:
             return None
-        except _FAULTS as e:
+        except STORE_FAULTS as e:
             self._store_failed(e, None)
             return set()
 
@@ -324,7 +327,7 @@ class TieredKV:
             return False
         try:
             return key in self.store
-        except _FAULTS as e:
+        except STORE_FAULTS as e:
             self._store_failed(e, None)
             return False
 
@@ -336,7 +339,7 @@ class TieredKV:
         if write_store and self.store_available():
             try:
                 self.store.set(key, encode_entry(chunk))
-            except _FAULTS as e:
+            except STORE_FAULTS as e:
                 self._store_failed(e, stats)
         return chunk
 
@@ -347,7 +350,7 @@ class TieredKV:
         if items and self.store_available():
             try:
                 self.store.set_many((k, encode_entry(c)) for k, c in items)
-            except _FAULTS as e:
+            except STORE_FAULTS as e:
                 self._store_failed(e, None)
 
     def to_gpu(self, key: str, chunk: ChunkKV) -> ChunkKV:
@@ -358,6 +361,17 @@ class TieredKV:
             return chunk
         moved = chunk.to(self.gpu.device, non_blocking=True)
         return self.gpu.put(key, moved) if self.gpu.max_bytes else moved
+
+    def warn_faults(self, stats: KVStats) -> None:
+        """Warn about the store faults and corrupt entries an answer met (they cost recomputing,
+        not the answer). Called from the method that answered: the warning names its caller."""
+        if stats.store_errors:
+            warnings.warn(
+                f"KV store unavailable ({self.last_store_error or 'skipped after a recent failure'}); "
+                f"recomputed {stats.misses} chunk(s) instead", RuntimeWarning, stacklevel=3)
+        if stats.corrupt_entries:
+            warnings.warn(f"dropped {stats.corrupt_entries} corrupt KV entr(y/ies) and recomputed them",
+                          RuntimeWarning, stacklevel=3)
 
     def clear_tiers(self) -> None:
         self.gpu.clear()
