@@ -292,6 +292,30 @@ def test_bad_input(published: tuple[Path, dict]) -> None:
         ProvenceModel.from_pretrained(not_provence)
 
 
+def test_runtime_settings_as_one_object_or_as_keywords() -> None:
+    from ragcomp import load_compressor
+    from ragcomp.compressors.provence import ProvenceRuntime
+
+    keywords = {"device": "cpu", "batch_size": 8, "window": 128, "stride": 16, "fast_encoder": "flex",
+                "cuda_graphs": False, "graph_width_multiple": 8, "passage_cache": 0}
+    plain = ProvenceCompressor(**keywords)  # type: ignore[arg-type]
+    grouped = ProvenceCompressor(runtime=ProvenceRuntime(**keywords))
+    assert plain.runtime == grouped.runtime == ProvenceRuntime(**keywords)
+    assert plain.params() == grouped.params() and grouped.passage_cache.size == 0
+    assert ProvenceCompressor().runtime == ProvenceRuntime()  # the defaults are the runtime's
+    # A keyword away from its default overrides that field; a mapping works like the object.
+    mixed = load_compressor("provence", runtime={"device": "cpu", "batch_size": 32}, batch_size=4)
+    assert mixed.runtime == ProvenceRuntime(device="cpu", batch_size=4)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        ProvenceCompressor(runtime=ProvenceRuntime(batch_size=4), batch_size=0)
+    with pytest.raises(ValueError, match="window must be an integer >= 8"):
+        ProvenceRuntime(window=4)
+    with pytest.raises(TypeError, match=r"unknown runtime setting.*'bogus'"):
+        ProvenceCompressor(runtime={"bogus": 1})
+    with pytest.raises(TypeError, match=r"unknown parameter.*'bogus'.*runtime"):
+        load_compressor("provence", bogus=1)
+
+
 def test_unknown_published_key_is_an_error(published: tuple[Path, dict], tmp_path: Path) -> None:
     folder, state = published
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):

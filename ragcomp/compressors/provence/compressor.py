@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from ragcomp._optional import require
 from ragcomp.accel.graphed import profile_range, to_host
 from ragcomp.base import Compressor, PassageLike, as_passages, run_while_waiting
 from ragcomp.compressors._common import check_fraction, check_int
+from ragcomp.compressors.provence.config import ProvenceRuntime
 from ragcomp.compressors.provence.inputs import (
     PassageCache,
     PassageWork,
@@ -66,25 +67,20 @@ class ProvenceCompressor(Compressor):
 
     `threshold` in [0, 1] sets how much is kept (0 keeps every sentence, 1 none); the amount adapts
     to each passage and may be nothing (the result is then `empty`). `rerank` orders passages by the
-    ranking logit (best first); `top_k` keeps at most that many passages, best ranked. `window` is
-    the encoder input length in tokens (default: the model's, at most 512); `stride` is how many
-    passage tokens consecutive windows share (default a quarter of the room). `always_select_title`
-    keeps a passage's first sentence whenever another of its sentences is kept (published option).
-    `min_sentences` is a floor on recall: when fewer sentences than that pass the threshold over all
-    passages, the best-scoring others are added (0, the default, is the published adaptive rule that
-    may keep nothing); `max_sentences` caps the total, keeping the best-scoring ones.
+    ranking logit (best first); `top_k` keeps at most that many passages, best ranked.
+    `always_select_title` keeps a passage's first sentence whenever another of its sentences is kept
+    (published option). `min_sentences` is a floor on recall: when fewer sentences than that pass the
+    threshold over all passages, the best-scoring others are added (0, the default, is the published
+    adaptive rule that may keep nothing); `max_sentences` caps the total, keeping the best-scoring ones.
     `model` is "provence-minilm" (default: a MiniLM pruner trained here, shipped in the package),
     a folder or hub id (our format or the published layout, e.g. "naver/provence-reranker-debertav3-v1")
     or a `ProvenceModel`, then with `encoder_tokenizer`. `tokenizer` names the token counter for the
     result's statistics.
-    `fast_encoder` runs a DeBERTa-v2/v3 backbone through `ragcomp.accel.deberta_fast`'s
-    `FastDebertaV2Encoder` (same outputs, far less host work; other backbones keep their HF forward;
-    "flex" selects its FlexAttention variant, compiled per shape, see `ragcomp.accel.deberta_flex`);
-    `cuda_graphs` replays the forward from CUDA graphs on CUDA (shapes bucketed, widths to a multiple
-    of `graph_width_multiple`: smaller pads less, captures more graphs; see `ragcomp.accel.graphed`;
-    ignored elsewhere).
-    `passage_cache` keeps the tokens and sentences of that many recent passage texts (LRU; 0: none),
-    so passages that come back in later questions skip that CPU work; `prepare(corpus)` fills it ahead.
+    How it runs (`device`, `dtype`, `batch_size`, `window`, `stride`, `fast_encoder`, `cuda_graphs`,
+    `graph_width_multiple`, `passage_cache`) is declared by `ProvenceRuntime` (config.py, which says
+    what each does): pass `runtime=`, the same settings as keywords, or both (a keyword away from its
+    default overrides that field of `runtime`). `runtime` gives the settings in effect.
+    `prepare(corpus)` fills the passage cache ahead of questions.
     """
 
     name = "provence"
@@ -110,6 +106,7 @@ class ProvenceCompressor(Compressor):
         cuda_graphs: bool = True,
         passage_cache: int = 1024,
         graph_width_multiple: int = 16,
+        runtime: ProvenceRuntime | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, separator)
         threshold = check_fraction("threshold", threshold)
@@ -118,11 +115,10 @@ class ProvenceCompressor(Compressor):
         check_int("max_sentences", max_sentences, 1)
         if max_sentences is not None and min_sentences > max_sentences:
             raise ValueError(f"min_sentences ({min_sentences}) is above max_sentences ({max_sentences})")
-        check_int("window", window, 8)
-        check_int("stride", stride, 0)
-        check_int("batch_size", batch_size, 1, allow_none=False)
-        check_int("passage_cache", passage_cache, 0, allow_none=False)
-        check_int("graph_width_multiple", graph_width_multiple, 1, allow_none=False)
+        run = ProvenceRuntime.of(runtime).overridden(  # checks the runtime settings
+            device=device, dtype=dtype, batch_size=batch_size, window=window, stride=stride,
+            fast_encoder=fast_encoder, cuda_graphs=cuda_graphs, graph_width_multiple=graph_width_multiple,
+            passage_cache=passage_cache)
         self.model = model if isinstance(model, str) else type(model).__name__
         self.threshold = float(threshold)
         self.rerank = rerank
@@ -130,19 +126,28 @@ class ProvenceCompressor(Compressor):
         self.always_select_title = always_select_title
         self.min_sentences = min_sentences
         self.max_sentences = max_sentences
-        self.window = window
-        self.stride = stride
-        self.batch_size = batch_size
-        self.device = device
-        self.dtype = dtype
+        # Plain attributes, as before: the scoring path reads them on every call.
+        self.window = run.window
+        self.stride = run.stride
+        self.batch_size = run.batch_size
+        self.device = run.device
+        self.dtype = run.dtype
         self._model_obj = None if isinstance(model, str) else model
         self._encoder_tokenizer = encoder_tokenizer
-        self.fast_encoder = fast_encoder
-        self.cuda_graphs = cuda_graphs
-        self.graph_width_multiple = graph_width_multiple
-        self.passage_cache = PassageCache(passage_cache)
+        self.fast_encoder = run.fast_encoder
+        self.cuda_graphs = run.cuda_graphs
+        self.graph_width_multiple = run.graph_width_multiple
+        self.passage_cache = PassageCache(run.passage_cache)
         self._spent: Any = None  # see score_batch
         self._lock = threading.Lock()
+
+    @property
+    def runtime(self) -> ProvenceRuntime:
+        """The runtime settings in effect (e.g. to build another compressor that runs the same way)."""
+        return ProvenceRuntime(device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                               window=self.window, stride=self.stride, fast_encoder=self.fast_encoder,
+                               cuda_graphs=self.cuda_graphs, graph_width_multiple=self.graph_width_multiple,
+                               passage_cache=self.passage_cache.size)
 
     # -- model -----------------------------------------------------------------------------
     def load(self) -> tuple[Any, Any, threading.Lock]:
