@@ -4,10 +4,13 @@ encoder and keep the best sentences, in document order."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
 from ragcomp.base import Compressor
+from ragcomp.compressors._common import check_fraction
+from ragcomp.compressors.selection import SentenceSelection, kept_items
 from ragcomp.embeddings import CachedEmbedder, shared_embedder
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -46,22 +49,21 @@ class RecompExtractive(Compressor):
         separator: str = "\n\n",
     ) -> None:
         super().__init__(tokenizer, separator)
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be an integer >= 0 or None, got {top_k!r}")
-        if budget_tokens is not None and (not isinstance(budget_tokens, int) or budget_tokens < 0):
-            raise ValueError(f"budget_tokens must be an integer >= 0 or None, got {budget_tokens!r}")
-        if relative is not None and relative < 0:
-            raise ValueError(f"relative must be >= 0 or None, got {relative!r}")
         self.model = model if isinstance(model, str) else model.name
         self.top_k = top_k
         self.threshold = threshold
         self.relative = relative
         self.budget_tokens = budget_tokens
-        if not 0.0 <= passage_weight <= 1.0:
-            raise ValueError(f"passage_weight must be in [0, 1], got {passage_weight!r}")
-        self.passage_weight = passage_weight
+        self.selection  # noqa: B018 - validates the selection parameters now, not at the first call
+        self.passage_weight = check_fraction("passage_weight", passage_weight)
         self.device = device
         self._embedder = model if isinstance(model, CachedEmbedder) else None
+
+    @property
+    def selection(self) -> SentenceSelection:
+        """The shared sentence selector, from the current parameters (checked there)."""
+        return SentenceSelection(top_k=self.top_k, threshold=self.threshold, relative=self.relative,
+                                 budget_tokens=self.budget_tokens, scores="similarity")
 
     @property
     def embedder(self) -> CachedEmbedder:
@@ -100,36 +102,10 @@ class RecompExtractive(Compressor):
     def _select(
         self, passages: list[Passage], sents: list[tuple[Sentence, ...]], scores: np.ndarray
     ) -> list[Compressed]:
-        owner = [(pi, si) for pi, per_p in enumerate(sents) for si in range(len(per_p))]
-        order = np.argsort(-scores, kind="stable")
-        best = float(scores[order[0]]) if len(order) else 0.0
-        chosen: set[tuple[int, int]] = set()
-        used = 0
-        counter = self.counter
-        for rank, j in enumerate(order):
-            s = float(scores[j])
-            if self.top_k is not None and rank >= self.top_k:
-                break
-            if self.threshold is not None and s < self.threshold:
-                break
-            if self.relative is not None and s < best - self.relative:
-                break
-            pi, si = owner[j]
-            if self.budget_tokens is not None:
-                cost = counter.count(sents[pi][si].text)
-                if used + cost > self.budget_tokens:
-                    continue  # a shorter, lower-ranked sentence may still fit
-                used += cost
-            chosen.add((pi, si))
-        items = []
-        for pi, (p, per_p) in enumerate(zip(passages, sents, strict=True)):
-            keep = [per_p[si] for si in range(len(per_p)) if (pi, si) in chosen]
-            p_scores = [float(scores[k]) for k, o in enumerate(owner) if o[0] == pi]
-            score = max(p_scores) if p_scores else None
-            if not keep:
-                items.append(Compressed.dropped(p, score))
-                continue
-            spans = [(s.start, s.end) for s in keep]
-            text = self.span_separator.join(s.text for s in keep)  # type: ignore[union-attr]
-            items.append(Compressed(p, text, spans, score, True))
-        return items
+        bounds = np.cumsum([0] + [len(per_p) for per_p in sents])
+        per_passage = [scores[a:b] for a, b in itertools.pairwise(bounds)]
+        texts = [[s.text for s in per_p] for per_p in sents] if self.budget_tokens is not None else None
+        masks = self.selection.select(per_passage, sentence_texts=texts,
+                                      counter=self.counter if texts is not None else None)
+        best = [float(s.max()) if len(s) else None for s in per_passage]
+        return kept_items(passages, sents, masks, best, self.span_separator)  # type: ignore[arg-type]

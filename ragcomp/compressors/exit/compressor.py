@@ -19,7 +19,6 @@ is built by concatenating separately tokenized pieces, never by re-tokenizing a 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from ragcomp._optional import require
 from ragcomp.base import Compressor
-from ragcomp.compressors._common import check_choice, check_fraction, check_int
+from ragcomp.compressors._common import check_choice, check_int
 from ragcomp.compressors.exit.batch import (
     additive_mask,
     batch_inputs,
@@ -44,6 +43,7 @@ from ragcomp.compressors.exit.prompt import (
     load_with_adapter,
     prompt_units,
 )
+from ragcomp.compressors.selection import SentenceSelection, kept_items
 from ragcomp.hf_cache import cache_arg, returned_cache
 from ragcomp.models import CausalLM, load_causal_lm
 from ragcomp.text import Sentence, split_sentences
@@ -128,13 +128,9 @@ class ExitCompressor(Compressor):
         separator: str = "\n\n",
     ) -> None:
         super().__init__(tokenizer, separator)
-        if threshold is not None:
-            threshold = check_fraction("threshold", threshold)
-        if top_share is not None:
-            top_share = check_fraction("top_share", top_share, low_open=True)
+        # threshold, top_share and max_sentences are checked by the shared selector below.
         check_choice("method", method, METHODS)
         check_int("batch_size", batch_size, 1, allow_none=False)
-        check_int("max_sentences", max_sentences, 0)
         check_int("max_length", max_length, 64)
         if adapter is not None and isinstance(model, CausalLM):
             raise ValueError("pass a model name with `adapter`, not a loaded CausalLM (it would be modified)")
@@ -146,6 +142,7 @@ class ExitCompressor(Compressor):
         self.method = method
         self.batch_size = batch_size
         self.max_sentences = max_sentences
+        self.selection  # noqa: B018 - checks the selection parameters now, not at the first call
         self.max_length = max_length
         self.use_title = use_title
         self.device = device
@@ -358,32 +355,15 @@ class ExitCompressor(Compressor):
     def _compress(self, query: str, passages: list[Passage]) -> list[Compressed]:
         return self._compress_batch([query], [passages])[0]
 
+    @property
+    def selection(self) -> SentenceSelection:
+        """The shared sentence selector: P(Yes) >= threshold (1 keeps nothing), at most
+        `top_share` of the query's sentences (rounded up) and `max_sentences`, best first."""
+        return SentenceSelection(threshold=self.threshold, top_share=self.top_share,
+                                 max_sentences=self.max_sentences)
+
     def _select(self, passages: list[Passage], scores: list[np.ndarray]) -> list[Compressed]:
-        flat = [(float(s), pi, si) for pi, per_p in enumerate(scores) for si, s in enumerate(per_p)]
-        passing = [x for x in flat if self._passes(x[0])]
-        cap = self._cap(len(flat))
-        if cap is not None:  # best first; ties keep document order (sorted is stable)
-            passing = sorted(passing, key=lambda x: -x[0])[:cap]
-        chosen = {(pi, si) for _, pi, si in passing}
-        items = []
-        for pi, p in enumerate(passages):
-            sents = _sentences(p.text)
-            score = float(scores[pi].max()) if len(scores[pi]) else None
-            keep = [s for si, s in enumerate(sents) if (pi, si) in chosen]  # document order
-            if not keep:
-                items.append(Compressed.dropped(p, score))
-                continue
-            text = self.span_separator.join(s.text for s in keep)  # type: ignore[union-attr]
-            items.append(Compressed(p, text, [(s.start, s.end) for s in keep], score, True))
-        return items
-
-    def _passes(self, p: float) -> bool:
-        # EXIT keeps P(Yes) >= threshold; 1 is "keep nothing" even when P(Yes) rounds to 1.0.
-        return self.threshold is None or (self.threshold < 1.0 and p >= self.threshold)
-
-    def _cap(self, n_sentences: int) -> int | None:
-        """Most sentences a query keeps: top_share of them (rounded up) and max_sentences."""
-        caps = [] if self.max_sentences is None else [self.max_sentences]
-        if self.top_share is not None and n_sentences:
-            caps.append(max(1, math.ceil(self.top_share * n_sentences - 1e-9)))
-        return min(caps) if caps else None
+        masks = self.selection.select(scores)
+        best = [float(s.max()) if len(s) else None for s in scores]
+        sents = [_sentences(p.text) for p in passages]
+        return kept_items(passages, sents, masks, best, self.span_separator)  # type: ignore[arg-type]
