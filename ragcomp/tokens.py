@@ -43,7 +43,7 @@ class TiktokenCounter:
     """OpenAI's BPE tokenizers (cl100k_base, o200k_base), offline from llama-index-core's copy."""
 
     def __init__(self, encoding: str) -> None:
-        _point_tiktoken_at_offline_files()
+        point_tiktoken_at_offline_files()
         try:
             import tiktoken
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -93,7 +93,7 @@ _TIKTOKEN_NAMES = {"cl100k": "cl100k_base", "cl100k_base": "cl100k_base",
                    "o200k": "o200k_base", "o200k_base": "o200k_base"}
 
 
-def _point_tiktoken_at_offline_files() -> None:
+def point_tiktoken_at_offline_files() -> None:
     """llama-index-core ships tiktoken's files; use them so counting works with no network."""
     if os.environ.get("TIKTOKEN_CACHE_DIR"):
         return

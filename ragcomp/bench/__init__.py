@@ -1,5 +1,7 @@
 """`ragcomp bench NAME`: benchmarks that print a table. Each NAME is a module here with
-`add_parser(subparsers)`; the modules are independent of each other."""
+`add_parser(subparsers)`. A bench imports only its own parts (`kv` its `kv_*`, `pages` its
+`pages_docs`, `prune_gpu` its `prune_gpu_profile`), never the other way round, and what several
+benches share from common.py, a leaf."""
 
 from __future__ import annotations
 

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "qa_dev.jsonl"
+from ragcomp.bench.common import QA_DEFAULT
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="recomp-extractive vs top-k, overhead, vs LlamaIndex optimizer")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="questions JSONL (qa_dev format)")
+    p.add_argument("--data", default=str(QA_DEFAULT), help="questions JSONL (qa_dev format)")
     p.add_argument("--retrieve-k", type=int, default=10)
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer that counts tokens")

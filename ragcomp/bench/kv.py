@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table, standalone_main
-from ragcomp.bench.kv_gpu import GPU_SHAPES, bench_gpu, random_model  # noqa: F401  (re-exported for bench.pages)
+from ragcomp.bench.common import QA_DEFAULT, median, read_questions, retrieve_passages
+from ragcomp.bench.kv_gpu import bench_gpu
 from ragcomp.bench.kv_quality import bench_quality
 from ragcomp.bench.kv_redis import bench_redis
-
-QA_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "qa_dev.jsonl"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,28 +119,6 @@ class _redis_url:
             self._tmp.cleanup()
 
 
-# -- shared helpers --------------------------------------------------------------------------
-
-
-def _questions(path: str, n: int) -> list[dict[str, Any]]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"questions file {path} not found (pass --qa)")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows[:n]
-
-
-def _retrieve(questions: list[dict[str, Any]], k: int) -> list[list[Any]]:
-    from ragcomp.retrieval import CorpusRetriever
-
-    retriever = CorpusRetriever.for_corpus("wiki", progress=False)
-    return retriever.retrieve_batch([q["question"] for q in questions], k)
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _drop_page_cache(store: Any, keys: list[str]) -> None:
     """Ask the kernel to forget the cached pages of these entries' files (a cold disk read)."""
     for key in keys:
@@ -166,8 +142,8 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
     from ragcomp.stores.disk import DiskStore
 
     lm = load_causal_lm(args.model)
-    qs = _questions(args.qa, args.questions)
-    retrieved = _retrieve(qs, args.top_k)
+    qs = read_questions(args.qa, args.questions)
+    retrieved = retrieve_passages(qs, args.top_k)
     tmp = tempfile.TemporaryDirectory(prefix="ragcomp-kv-disk-")
     disk = DiskStore(tmp.name, fsync=False)
     caches: dict[str, KVCache] = {"cpu (memory)": KVCache(lm, None)}
@@ -219,20 +195,20 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
             parts[tier]["question"].append(s.seconds_prefill_question)
             parts[tier]["bytes"].append(sum(s.bytes_loaded.values()))
             agree[tier] += int(ans.token_ids == full.token_ids)
-    full_med = _median(per["full prefill"])
+    full_med = median(per["full prefill"])
     rows = [{"source": "full prefill", "ttft_s": full_med, "x_faster": 1.0, "median_of_ratios": 1.0,
              "load_s": None, "rotate_s": None, "question_s": None, "MB_loaded": None, "same_first_token": ""}]
     for tier in tiers:
         ratios = [f / t for f, t in zip(per["full prefill"], per[tier], strict=True)]
         rows.append({
-            "source": tier, "ttft_s": _median(per[tier]), "x_faster": full_med / _median(per[tier]),
-            "median_of_ratios": _median(ratios), "load_s": _median(parts[tier]["load"]),
-            "rotate_s": _median(parts[tier]["rotate"]), "question_s": _median(parts[tier]["question"]),
-            "MB_loaded": _median(parts[tier]["bytes"]) / 1e6, "same_first_token": f"{agree[tier]}/{len(qs)}",
+            "source": tier, "ttft_s": median(per[tier]), "x_faster": full_med / median(per[tier]),
+            "median_of_ratios": median(ratios), "load_s": median(parts[tier]["load"]),
+            "rotate_s": median(parts[tier]["rotate"]), "question_s": median(parts[tier]["question"]),
+            "MB_loaded": median(parts[tier]["bytes"]) / 1e6, "same_first_token": f"{agree[tier]}/{len(qs)}",
         })
     print_table(rows, f"TTFT, {lm.name} fp32 on CPU ({os.cpu_count()} cores), {len(qs)} questions, "
                 f"top-{args.top_k} passages = {min(ctx_tokens)}-{max(ctx_tokens)} context tokens "
-                f"(median {_median(ctx_tokens):.0f})")
+                f"(median {median(ctx_tokens):.0f})")
     for kv in caches.values():
         kv.close()
     tmp.cleanup()

@@ -16,16 +16,16 @@ import time
 from typing import Any
 
 from ragcomp.bench import print_table
+from ragcomp.bench.common import median, read_questions, retrieve_passages
 
 
 def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from ragcomp.bench.kv import _median, _questions, _retrieve
     from ragcomp.kv.cache import KVCache
     from ragcomp.models import load_causal_lm
 
     lm = load_causal_lm(args.model, device=args.quality_device, dtype=args.quality_dtype)
-    qs = _questions(args.qa, args.quality_questions)
-    retrieved = _retrieve(qs, args.top_k)
+    qs = read_questions(args.qa, args.quality_questions)
+    retrieved = retrieve_passages(qs, args.top_k)
     kv = KVCache(lm, None)
     kv.add(list({p.id: p for ps in retrieved for p in ps}.values()))
     repairs = [r.strip() for r in args.repairs.split(",") if r.strip()]
@@ -56,13 +56,13 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
     n = len(qs)
     rows = [{"answer from": "full prefill", "same_answer_as_full": "-", "same_first_token": "-",
              "contains_gold": f"{gold_hit['full prefill']}/{n}", "first_token_KL_mean": 0.0,
-             "first_token_KL_median": 0.0, "ttft_s": _median(ttft["full prefill"]), "repaired_tokens": 0}]
+             "first_token_KL_median": 0.0, "ttft_s": median(ttft["full prefill"]), "repaired_tokens": 0}]
     for r in repairs:
         label = f"KV, repair={r}" + (" (full recompute)" if r.strip().lower() == "deviation:1.0" else "")
         rows.append({"answer from": label, "same_answer_as_full": f"{same[r]}/{n} ({same[r] / n:.0%})",
                      "same_first_token": f"{same_first[r]}/{n}", "contains_gold": f"{gold_hit[r]}/{n}",
-                     "first_token_KL_mean": sum(kls[r]) / n, "first_token_KL_median": _median(kls[r]),
-                     "ttft_s": _median(ttft[r]), "repaired_tokens": _median(repaired[r])})
+                     "first_token_KL_mean": sum(kls[r]) / n, "first_token_KL_median": median(kls[r]),
+                     "ttft_s": median(ttft[r]), "repaired_tokens": median(repaired[r])})
     print_table(rows, f"Answer agreement, {lm.name} {args.quality_dtype} on {lm.device}, greedy, "
                 f"{args.max_new_tokens} new tokens, "
                 f"first {n} qa_dev questions, top-{args.top_k} passages")

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ragcomp.bench import print_table
+from ragcomp.bench.common import median, read_questions, retrieve_passages
 from ragcomp.bench.kv_quality import first_token_logits, kl_divergence
 
 # bf16 first (the baseline); native is the model's own dtype (fp32 on CPU).
@@ -76,15 +77,14 @@ def bench_redis(args: argparse.Namespace, redis_url: str | None) -> list[dict[st
     if not redis_url:
         return []
     redis = __import__("redis")
-    from ragcomp.bench.kv import _median, _questions, _retrieve
     from ragcomp.kv.cache import KVCache
     from ragcomp.kv.codec import decode_entry, encode_entry
     from ragcomp.models import load_causal_lm
     from ragcomp.stores.redis import RedisStore
 
     lm = load_causal_lm(args.model)
-    qs = _questions(args.qa, 1)
-    ps = _retrieve(qs, args.top_k)[0]
+    qs = read_questions(args.qa, 1)
+    ps = retrieve_passages(qs, args.top_k)[0]
     plain = redis.Redis.from_url(redis_url)
     values: dict[str, list[bytes]] = {}
     # Quality cost of the storage kind: first answer token after the question on the stored
@@ -122,22 +122,22 @@ def bench_redis(args: argparse.Namespace, redis_url: str | None) -> list[dict[st
                 times[storage][method].append(time.perf_counter() - t0)
                 faults[storage][method].append(_minor_faults() - f0)
     bf16_gb = sum(len(b) for b in values["bf16"]) / 1e9
-    plain_bf16 = _median(times["bf16"][PLAIN])
+    plain_bf16 = median(times["bf16"][PLAIN])
     rows = []
     for storage, (store, kv, _) in setup.items():
         gb = sum(len(b) for b in values[storage]) / 1e9
-        plain_same = _median(times[storage][PLAIN])
+        plain_same = median(times[storage][PLAIN])
         for method in METHODS:
-            med = _median(times[storage][method])
+            med = median(times[storage][method])
             rows.append({"what": f"{len(values[storage])} entries, {storage}: {method}", "MB": gb * 1e3,
                          "GBps": gb / med, "x_vs_plain_GET_same_bytes": plain_same / med,
                          "bf16_equiv_GBps": bf16_gb / med, "x_vs_plain_GET_bf16": plain_bf16 / med,
-                         "page_faults": _median(faults[storage][method])})
+                         "page_faults": median(faults[storage][method])})
         kv.tiers.close()
         store.clear()
         store.close()
         plain.delete(*[f"ragcomp-bench-plain:{storage}:k{i}" for i in range(len(values[storage]))])
-    rows += _big_value(redis_url, plain, _median)
+    rows += _big_value(redis_url, plain)
     plain.close()
     bf16, fp8 = (sum(len(b) for b in values[s]) for s in ("bf16", "fp8"))
     print_table(rows, f"Redis load (loopback, {os.cpu_count()} cores, median of {args.redis_rounds} "
@@ -161,7 +161,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _big_value(redis_url: str, plain: Any, median: Callable[[list[float]], float]) -> list[dict[str, Any]]:
+def _big_value(redis_url: str, plain: Any) -> list[dict[str, Any]]:
     """One large value: the 16k-token KV of an 8B model is 2 GiB; 256 MiB keeps this quick."""
     from ragcomp.stores.redis import RedisStore
 

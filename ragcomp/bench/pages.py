@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table, standalone_main
-from ragcomp.bench.kv import QA_DEFAULT, _median, random_model
-from ragcomp.bench.kv_gpu import gpu_bench_device, synced_median
-from ragcomp.bench.pages_docs import _load_items, build_document, text_chunks
+from ragcomp.bench.common import QA_DEFAULT, gpu_bench_device, median, random_model, synced_median
+from ragcomp.bench.pages_docs import build_document, load_items, text_chunks
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -98,7 +97,7 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    items, by_title, corpus = _load_items(args)
+    items, by_title, corpus = load_items(args)
     budgets, scorings = _ints(args.budgets), [s.strip() for s in args.scorings.split(",") if s.strip()]
     # Check every size before the first (slow) one runs: a later size that cannot fit would
     # otherwise fail after the earlier sizes' minutes of work.
@@ -149,7 +148,7 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows += part
         print_table(part, f"KV pages vs full context vs text-chunk RAG: {lm.name} greedy, {len(items)} "
                     f"qa_dev questions, documents of {min(doc_lens)}-{max(doc_lens)} tokens "
-                    f"({args.page_tokens}-token pages), encoded once in {_median(t_encode):.1f} s (median)")
+                    f"({args.page_tokens}-token pages), encoded once in {median(t_encode):.1f} s (median)")
     kv.close()
     return rows
 
@@ -214,9 +213,9 @@ class _Tally:
             a = mean(d["acc"])
             out.append({"doc_tokens": size, "answer from": c, "accuracy": a,
                         "x_of_full": a / full if full else None, "EM": mean(d["em"]),
-                        "evidence_kept": mean(d["evidence"]), "ttft_s": _median(d["ttft"]),
-                        "score_s": _median(d["score"]) if c.startswith("pages") else None,
-                        "MB_touched": _median(d["mb"]) if not c.startswith("text") else None})
+                        "evidence_kept": mean(d["evidence"]), "ttft_s": median(d["ttft"]),
+                        "score_s": median(d["score"]) if c.startswith("pages") else None,
+                        "MB_touched": median(d["mb"]) if not c.startswith("text") else None})
         return out
 
 

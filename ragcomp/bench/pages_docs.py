@@ -33,7 +33,7 @@ def build_document(gold: list[Any], others: list[Any], target_tokens: int, count
     return sep.join(_article(p) for p in order)
 
 
-def _load_items(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any]]:
+def load_items(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any]]:
     from ragcomp.corpus import iter_jsonl, load_corpus
 
     corpus = load_corpus(args.corpus)

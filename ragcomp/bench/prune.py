@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 
 from ragcomp.bench import print_table
+from ragcomp.bench.common import QA_DEFAULT
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "qa_dev.jsonl"
 PARTS = ("exit-speed",)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="sentence pruning: EXIT scoring paths vs per-sentence scoring")
     p.add_argument("--part", choices=[*PARTS, "all"], default="all")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="questions JSONL (qa_dev format)")
+    p.add_argument("--data", default=str(QA_DEFAULT), help="questions JSONL (qa_dev format)")
     p.add_argument("--limit", type=int, default=10, help="first N questions")
     p.add_argument("--retrieve-k", type=int, default=3, help="passages per question")
     p.add_argument("--model", default="smollm2-135m", help="causal LM: alias, hub id or local path")
@@ -103,7 +103,7 @@ def exit_speed(args: argparse.Namespace) -> dict[str, Any]:
                 times[method].append(time.perf_counter() - t)
                 forwards[method].append(calls[0])
                 scores[method].append(np.concatenate(got) if got else np.zeros(0, np.float32))
-            units, shared = comp._units(q, ps)
+            units, shared = comp.units(q, ps)
             n_sent.append(sum(len(u.rows) for u in units))
             n_tokens.append(sum(len(u.prefix) + len(r) for u in units for r in u.rows))
             # Distinct tokens the batched and single-pass paths run: the shared part once, each context once.

@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 
 from ragcomp.bench import print_table, standalone_main
+from ragcomp.bench.common import DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # Each path's `fast_encoder` value (HF's forward, the fast one with SDPA, its compiled bias add, or
 # FlexAttention); a name ending in "graphs" also replays CUDA graphs.
 FAST_ENCODER: dict[str, bool | str] = {"hf": False, "fast": True, "graphs": True,
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         from ragcomp.bench.prune_gpu_profile import profile_paths
 
-        profile_paths(args, deberta, dtypes[0], paths, items, warm, tok, sync)
+        profile_paths(args, deberta, dtypes[0], paths, items, warm, tok, sync, _compressor)
     if not args.skip_llmlingua:
         rows += _llmlingua(args, items, warm, size, tok, dev, sync)
     base = rows[-1]["p50_ms"] if len(rows) > 1 and "llmlingua" in rows[-1]["compressor"] else None
@@ -268,8 +268,8 @@ def _widest_windows(comp: Any, items: list[Any]) -> list[int]:
     """Each question's widest window in tokens (what its batch is padded to, before bucketing)."""
     from ragcomp.compressors.provence.inputs import encode_ids
 
-    net, tok, _ = comp._load()
-    size = comp._window_size(net, tok)
+    net, tok, _ = comp.load()
+    size = comp.window_size(net, tok)
     out = []
     for q, passages in items:
         ids = encode_ids(tok, [q, *passages])
@@ -334,9 +334,9 @@ def _cpu_side(items: list[Any], warm: list[Any], tok: Any) -> list[dict[str, Any
 
 def _llmlingua(args: argparse.Namespace, items: list[Any], warm: list[Any], size: dict[str, int], tok: Any,
                dev: str, sync: Any) -> list[dict[str, Any]]:
-    from ragcomp.tokens import _point_tiktoken_at_offline_files
+    from ragcomp.tokens import point_tiktoken_at_offline_files
 
-    _point_tiktoken_at_offline_files()  # llmlingua loads cl100k at start; no network here
+    point_tiktoken_at_offline_files()  # llmlingua loads cl100k at start; no network here
     try:
         from llmlingua import PromptCompressor
     except ImportError as e:

@@ -8,6 +8,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,16 @@ from ragcomp.bench import print_table
 
 
 def profile_paths(args: argparse.Namespace, config: Any, dtype: Any, paths: list[str], items: list[Any],
-                  warm: list[Any], tok: Any, sync: Any) -> None:
+                  warm: list[Any], tok: Any, sync: Any,
+                  compressor: Callable[[Any, Any, argparse.Namespace, str, int], Any]) -> None:
     """Per path: the compressor's named ranges (CPU and GPU ms per question) and the top GPU kernels,
-    recorded on the first questions of `items` after a warm-up on `warm` and the other questions."""
+    recorded on the first questions of `items` after a warm-up on `warm` and the other questions.
+    `compressor(model, tok, args, path, passage_cache)` builds a path's compressor as the timed rows
+    do (passed in by prune_gpu, which imports this module: no import back)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from ragcomp.bench.prune_gpu import _compressor
     from ragcomp.compressors.provence.model import ProvenceModel
 
     on_gpu = args.device.startswith("cuda")
@@ -31,7 +34,7 @@ def profile_paths(args: argparse.Namespace, config: Any, dtype: Any, paths: list
     n = min(args.profile, len(items))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     for path in paths:
-        comp = _compressor(model, tok, args, path, 0)
+        comp = compressor(model, tok, args, path, 0)
         try:
             for it in warm + items[n:]:  # warm-up, untimed: kernels and graph captures out of the record
                 comp.compress(*it)

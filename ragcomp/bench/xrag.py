@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ragcomp.bench import print_table
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "qa_dev.jsonl"
+from ragcomp.bench.common import QA_DEFAULT
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("xrag", help="TTFT and prefill FLOPs per question: xrag vs full-text RAG")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="questions JSONL (qa_dev format)")
+    p.add_argument("--data", default=str(QA_DEFAULT), help="questions JSONL (qa_dev format)")
     p.add_argument("--corpus", default="wiki", help="'wiki' or a corpus JSON/JSONL file")
     p.add_argument("--retrieve-k", default="1,3", help="comma list of documents per question")
     p.add_argument("--limit", type=int, default=50)
