@@ -7,6 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# The suite's default methods (kept here too so that --help does not import torch).
+DEFAULT_METHODS = ("recomp-extractive", "provence", "rerank", "lingua", "exit")
+
 EXAMPLE = """examples:
   ragcomp eval --data qa.jsonl --method recomp-extractive --baseline
   ragcomp eval --data qa.jsonl --method rerank,recomp-extractive --param rerank.top_n=3 \\
@@ -15,6 +18,8 @@ EXAMPLE = """examples:
       --sweep rerank.top_n=1,3,5 --sweep recomp-extractive.top_k=2,4,8 --plot sweep.png
   ragcomp eval --data qa.jsonl --method rerank --reader openai:gpt-4o-mini --base-url http://localhost:8000/v1
   ragcomp eval --data qa.jsonl --retrieve-k 3 --method xrag --baseline --no-retrieval --reader smollm2-135m
+  ragcomp eval --suite benchmarks/domains --method recomp-extractive,provence --limit 50 \\
+      --markdown out/suite.md
 """
 
 
@@ -23,7 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="measure methods' compression, kept evidence, answer quality and latency",
         description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="questions, JSONL like qa_dev.jsonl")
+    p.add_argument("--data", help="questions, JSONL like qa_dev.jsonl (or give --suite)")
+    p.add_argument("--suite", metavar="DIR",
+                   help="a multi-domain suite (python3 -m ragcomp.eval.domains build --out DIR; committed in "
+                   "benchmarks/domains): every domain with its own index, the uncompressed row and a naive "
+                   "row beside each method; methods default to " + ", ".join(DEFAULT_METHODS))
+    p.add_argument("--split", default="dev", choices=("dev", "test"), help="suite split (default dev)")
+    p.add_argument("--domain", action="append", metavar="NAME", help="suite: only these domains (repeatable)")
+    p.add_argument("--no-naive", action="store_true", help="suite: leave out the naive rows")
     p.add_argument("--corpus", default="wiki",
                    help="'wiki' (the packaged Wikipedia summaries) or a JSON/JSONL file")
     p.add_argument("--retrieve-k", type=int, default=10, metavar="K", help="passages retrieved per question")
@@ -49,8 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1,
                    help="questions compressed and read per batch (default 1: true per-question latency; "
                    "larger is faster, with compress and generate latency the batch time over its size)")
-    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--limit", type=int, help="only the first N questions (per domain with --suite)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (1 is fastest on a shared 2-core machine: two threads stall "
+                   "on each other when another process holds a core)")
     p.add_argument("--embedder", default="minilm", help="retrieval embedder (alias, hub id or path)")
     p.add_argument("--index-dir", help="where the FAISS index is cached (default: under the ragcomp cache)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write the full report here")
@@ -62,9 +77,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ragcomp.cli import parse_params
-    from ragcomp.eval.report import markdown, plot, write_json
+    from ragcomp.eval.report import markdown, plot
     from ragcomp.eval.runner import evaluate
 
+    if (args.data is None) == (args.suite is None):
+        raise ValueError("give --data FILE or --suite DIR (one of them)")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.suite:
+        return run_suite_cli(args)
     if not args.method and not args.baseline and not args.no_retrieval:
         raise ValueError("give --method NAME (repeatable or a comma list), --baseline and/or --no-retrieval")
     if args.plot:
@@ -90,7 +113,39 @@ def run(args: argparse.Namespace) -> int:
             index_dir=args.index_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             progress=not args.quiet, no_retrieval=args.no_retrieval,
         )
-    text = markdown(report)
+    _write_outputs(args, report, markdown(report))
+    if args.plot:
+        print(f"wrote {plot(report, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def run_suite_cli(args: argparse.Namespace) -> int:
+    """`ragcomp eval --suite DIR`: the per-domain and across-domain tables."""
+    from ragcomp.cli import parse_params
+    from ragcomp.eval.suite import run_suite
+    from ragcomp.eval.suite_report import suite_markdown
+
+    for flag, value in (("--reader", args.reader != "none"), ("--plot", args.plot), ("--sweep", args.sweep),
+                        ("--no-retrieval", args.no_retrieval)):
+        if value:
+            raise ValueError(f"{flag} is not supported with --suite")
+    methods = args.method or list(DEFAULT_METHODS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = _show_warning
+        report = run_suite(args.suite, methods, split=args.split, domains=args.domain, limit=args.limit,
+                           params=parse_params(args.param), retrieve_k=args.retrieve_k, baseline=True,
+                           naive=not args.no_naive, tokenizer=args.tokenizer, device=args.device,
+                           embedder=args.embedder, index_root=args.index_dir, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    _write_outputs(args, report, suite_markdown(report))
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
+    """Print the markdown; write --json and --markdown where asked."""
+    from ragcomp.eval.report import write_json
+
     print(text)
     if args.json_out:
         print(f"wrote {write_json(report, args.json_out)}", file=sys.stderr)
@@ -99,9 +154,6 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
-    if args.plot:
-        print(f"wrote {plot(report, args.plot)}", file=sys.stderr)
-    return 0
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:

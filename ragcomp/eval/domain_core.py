@@ -45,6 +45,7 @@ class Candidate:
     question: str
     answers: list[str]
     evidence: str
+    unit: str | None = None  # what dev/test split by, when not the document (an FAQ's entries)
 
 
 @dataclass
@@ -116,9 +117,12 @@ def chunk_doc(doc: Doc, chunking: str) -> list[tuple[str, str]]:
 
 # -- placing and sampling questions ----------------------------------------------------------------
 
+Record = dict[str, Any]
+
+
 def place_questions(domain: str, built: Built, per_split: int = DEFAULT_PER_SPLIT,
-                    max_per_doc: int = MAX_PER_DOC) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]],
-                                                          Counter[str]]:
+                    max_per_doc: int = MAX_PER_DOC
+                    ) -> tuple[list[Record], dict[str, list[Record]], Counter[str]]:
     """Passages of every document, and per split the sampled questions whose evidence sits whole in
     exactly one passage of their document; counts of what was dropped and why."""
     stats: Counter[str] = Counter()
@@ -151,20 +155,22 @@ def place_questions(domain: str, built: Built, per_split: int = DEFAULT_PER_SPLI
             continue
         seen_q.add(" ".join(c.question.split()).lower())
         rec = {"type": c.kind, "question": c.question, "answers": c.answers, "titles": [holders[0]["id"]],
-               "evidence": [c.evidence], "doc": c.doc, "passage_words": len(holders[0]["text"].split())}
-        pools[doc_split(c.doc, domain)][c.kind].append(rec)
+               "evidence": [c.evidence], "doc": c.doc, "passage_words": len(holders[0]["text"].split()),
+               "unit": c.unit or c.doc}
+        pools[doc_split(rec["unit"], domain)][c.kind].append(rec)
     out: dict[str, list[dict[str, Any]]] = {}
     for split, by_kind in pools.items():
         out[split] = _sample(by_kind, per_split, max_per_doc, random.Random(f"{domain}/{split}"))
         for i, rec in enumerate(out[split]):
             rec["id"] = f"{domain}-{split}-{i:04d}"
+            del rec["unit"]
         stats[f"candidates_{split}"] = sum(len(v) for v in by_kind.values())
     return passages, out, stats
 
 
 def _sample(by_kind: dict[str, list[dict[str, Any]]], n: int, max_per_doc: int,
             rng: random.Random) -> list[dict[str, Any]]:
-    """Round-robin over question kinds (each shuffled), at most `max_per_doc` per document."""
+    """Round-robin over question kinds (each shuffled), at most `max_per_doc` per document (split unit)."""
     queues = {k: list(v) for k, v in sorted(by_kind.items())}
     for v in queues.values():
         rng.shuffle(v)
@@ -174,8 +180,8 @@ def _sample(by_kind: dict[str, list[dict[str, Any]]], n: int, max_per_doc: int,
         for kind in list(queues):
             while queues[kind]:
                 rec = queues[kind].pop()
-                if per_doc[rec["doc"]] < max_per_doc:
-                    per_doc[rec["doc"]] += 1
+                if per_doc[rec["unit"]] < max_per_doc:
+                    per_doc[rec["unit"]] += 1
                     picked.append(rec)
                     break
             if len(picked) >= n:
@@ -199,13 +205,15 @@ def write_domain(out: Path, domain: str, built: Built, per_split: int = DEFAULT_
     """Place, sample and write one domain; its manifest entry."""
     passages, splits, stats = place_questions(domain, built, per_split)
     write_jsonl(out / domain / "passages.jsonl.gz", passages)
-    entry: dict[str, Any] = {"chunking": built.chunking, "documents": len(built.docs), "passages": len(passages),
+    entry: dict[str, Any] = {"chunking": built.chunking, "documents": len(built.docs),
+                             "passages": len(passages),
                              "mean_passage_words": round(sum(len(p["text"].split()) for p in passages)
                                                          / max(len(passages), 1), 1),
                              "notes": built.notes}
     for split, rows in splits.items():
         write_jsonl(out / domain / f"{split}.jsonl", rows)
-        entry[split] = {"questions": len(rows), "kinds": dict(sorted(Counter(r["type"] for r in rows).items())),
+        kinds = dict(sorted(Counter(r["type"] for r in rows).items()))
+        entry[split] = {"questions": len(rows), "kinds": kinds,
                         "documents": len({r["doc"] for r in rows})}
     entry["stats"] = dict(sorted(stats.items()))
     return entry

