@@ -41,6 +41,7 @@ from ragcomp.compressors.provence.inputs import (
     prepare_passages,
     token_sentences,
 )
+from ragcomp.compressors.selection import SentenceSelection, kept_items
 from ragcomp.models import default_device, resolve_dtype
 from ragcomp.text import Sentence, split_sentences
 from ragcomp.tokens import TokenCounter
@@ -109,12 +110,8 @@ class ProvenceCompressor(Compressor):
         runtime: ProvenceRuntime | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, separator)
-        threshold = check_fraction("threshold", threshold)
-        check_int("top_k", top_k, 0)
-        check_int("min_sentences", min_sentences, 0, allow_none=False)
-        check_int("max_sentences", max_sentences, 1)
-        if max_sentences is not None and min_sentences > max_sentences:
-            raise ValueError(f"min_sentences ({min_sentences}) is above max_sentences ({max_sentences})")
+        threshold = check_fraction("threshold", threshold)  # required here: None is not "no threshold"
+        check_int("top_k", top_k, 0)  # passages, not sentences: Provence's own rule, before selection
         run = ProvenceRuntime.of(runtime).overridden(  # checks the runtime settings
             device=device, dtype=dtype, batch_size=batch_size, window=window, stride=stride,
             fast_encoder=fast_encoder, cuda_graphs=cuda_graphs, graph_width_multiple=graph_width_multiple,
@@ -126,6 +123,7 @@ class ProvenceCompressor(Compressor):
         self.always_select_title = always_select_title
         self.min_sentences = min_sentences
         self.max_sentences = max_sentences
+        self.selection  # noqa: B018 - checks threshold, min/max_sentences now, not at the first call
         # Plain attributes, as before: the scoring path reads them on every call.
         self.window = run.window
         self.stride = run.stride
@@ -361,48 +359,32 @@ class ProvenceCompressor(Compressor):
     def _compress(self, query: str, passages: list[Passage]) -> list[Compressed]:
         return self._compress_batch([query], [passages])[0]
 
+    @property
+    def selection(self) -> SentenceSelection:
+        """The shared sentence selector: Provence's strict `score > threshold` (0 keeps every
+        sentence), then the min/max sentence counts over all passages, ties to the better-ranked."""
+        return SentenceSelection(threshold=self.threshold, inclusive=False,
+                                 min_sentences=self.min_sentences, max_sentences=self.max_sentences)
+
     def _select(self, scored: list[PassageScores]) -> list[Compressed]:
         by_rank = sorted(range(len(scored)), key=lambda i: -math.inf if scored[i].ranking is None
                          else scored[i].ranking, reverse=True)  # stable: ties keep the input order
         allowed = set(by_rank if self.top_k is None else by_rank[: self.top_k])
-        allowed = {i for i in allowed if scored[i].ranking is not None}
-        keeps = {i: self._keep_mask(scored[i]) for i in allowed}
-        self._apply_counts(scored, keeps)
-        items = []
-        for i in by_rank if self.rerank else range(len(scored)):
-            s = scored[i]
-            keep = keeps.get(i)
-            picked = np.flatnonzero(keep).tolist() if keep is not None else []
-            if not picked:
-                items.append(Compressed.dropped(s.passage, s.ranking))
-                continue
-            kept = [s.sentences[k] for k in picked]
-            text = self.span_separator.join(sent.text for sent in kept)  # type: ignore[union-attr]
-            items.append(Compressed(s.passage, text, [(x.start, x.end) for x in kept], s.ranking, True))
-        return items
+        eligible_passages = [i in allowed and s.ranking is not None for i, s in enumerate(scored)]
+        selection = self.selection
+        eligible = [self._keep_mask(selection, s) if ok else None
+                    for s, ok in zip(scored, eligible_passages, strict=True)]
+        scores = [s.sentence_scores for s in scored]
+        rankings = [s.ranking for s in scored]
+        masks = selection.select(scores, tie_break=rankings, eligible_passages=eligible_passages,
+                                 eligible=eligible)
+        return kept_items([s.passage for s in scored], [s.sentences for s in scored], masks, rankings,
+                          self.span_separator,  # type: ignore[arg-type]
+                          order=by_rank if self.rerank else None)
 
-    def _keep_mask(self, s: PassageScores) -> np.ndarray:
-        keep = s.sentence_scores > self.threshold
-        if self.threshold == 0.0:
-            keep[:] = True  # 0 keeps everything, even a probability that underflowed to 0
+    def _keep_mask(self, selection: SentenceSelection, s: PassageScores) -> np.ndarray:
+        keep = selection.passes(s.sentence_scores)
         if self.always_select_title and keep[1:].any():
             keep[0] = True
         return keep
-
-    def _apply_counts(self, scored: list[PassageScores], keeps: dict[int, np.ndarray]) -> None:
-        """Enforce min_sentences / max_sentences over all passages, by sentence score (in place)."""
-        if self.min_sentences == 0 and self.max_sentences is None:
-            return  # the default: nothing to count (a sum per passage after the wait)
-        kept = sum(int(k.sum()) for k in keeps.values())
-        if kept < self.min_sentences:
-            # Best-scoring sentences not yet kept, ties broken by the passage's ranking score.
-            spare = sorted(((scored[i].sentence_scores[j], scored[i].ranking, i, j)
-                            for i, k in keeps.items() for j in np.flatnonzero(~k)), reverse=True)
-            for *_, i, j in spare[: self.min_sentences - kept]:
-                keeps[i][j] = True
-        elif self.max_sentences is not None and kept > self.max_sentences:
-            ranked = sorted(((scored[i].sentence_scores[j], scored[i].ranking, i, j)
-                             for i, k in keeps.items() for j in np.flatnonzero(k)), reverse=True)
-            for *_, i, j in ranked[self.max_sentences:]:
-                keeps[i][j] = False
 
