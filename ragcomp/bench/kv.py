@@ -165,7 +165,7 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
             continue
         for p in passages.values():
             for c in kv.passage_chunks(p):
-                key = kv._key(kv._fp(c))
+                key = kv.layout.key(kv.layout.fingerprint(c))
                 kv.tiers.put(key, encoded.tiers.cpu.get(key), keep=False)
         kv.add(list(passages.values()))  # records the ids; nothing left to encode
     print(f"precomputed {len(passages)} passages in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -183,7 +183,7 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
         for tier in tiers:
             kv = caches["disk" if tier == "disk (cold)" else tier]
             if tier.startswith("disk"):
-                keys = [kv._key(kv._fp(c)) for p in ps for c in kv.passage_chunks(p)]
+                keys = [kv.layout.key(kv.layout.fingerprint(c)) for p in ps for c in kv.passage_chunks(p)]
                 if tier == "disk (cold)":
                     _drop_page_cache(disk, keys)
             ans = kv.generate(q["question"], ps, max_new_tokens=1, repair=None)

@@ -76,8 +76,9 @@ def first_token_logits(kv: Any, question: str, passages: Any, repair: str | None
     from ragcomp.kv.repair import Repair
 
     eng = kv.engine
-    chunk_ids = [c for cs in kv._resolve(passages) for c in cs]
-    chunks = [kv.tiers.cpu.get(kv._key(kv._fp(c))) or eng.encode_chunks(kv.prefix_kv(), [c])[0]
+    chunk_ids = [c for cs in kv.layout.resolve(passages) for c in cs]
+    layout = kv.layout
+    chunks = [kv.tiers.cpu.get(layout.key(layout.fingerprint(c))) or eng.encode_chunks(kv.prefix_kv(), [c])[0]
               for c in chunk_ids]
     asm = eng.assemble(kv.prefix_kv(), chunks)
     q_ids = kv.question_ids(question)

@@ -93,7 +93,7 @@ def bench_redis(args: argparse.Namespace, redis_url: str | None) -> list[dict[st
     for storage in STORAGE_ROWS:
         kv = KVCache(lm, None, storage=storage)
         kv.add(ps)
-        values[storage] = [encode_entry(kv.tiers.cpu.get(kv._key(kv._fp(c))))
+        values[storage] = [encode_entry(kv.tiers.cpu.get(kv.layout.key(kv.layout.fingerprint(c))))
                            for p in ps for c in kv.passage_chunks(p)]
         logits[storage] = first_token_logits(kv, qs[0]["question"], ps, None)
         kv.close()

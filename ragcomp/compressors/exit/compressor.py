@@ -179,7 +179,6 @@ class ExitCompressor(Compressor):
         """Prompt pieces per context window, and how many prefix tokens all units share."""
         return prompt_units(self.template, self.limit, self._ids, query, passages, _sentences, self.use_title)
 
-    _units = units  # the old private name, still called by ragcomp/bench/prune.py until it moves to `units`
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, query: str, passages: list[Passage], method: str | None = None) -> list[np.ndarray]:

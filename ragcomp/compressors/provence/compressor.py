@@ -183,10 +183,6 @@ class ProvenceCompressor(Compressor):
             limits.append(int(tok.model_max_length))
         return min(limits)
 
-    # The old private names, still called by ragcomp/bench/prune_gpu.py until it moves to the public ones.
-    _load = load
-    _window_size = window_size
-
     # -- encoding ----------------------------------------------------------------------------
     def encode_windows(
         self, query_ids: list[int], passage_ids: list[int], tok: Any, size: int,
