@@ -99,7 +99,8 @@ class SentenceSelection:
         """Keep masks, one per passage, for per-sentence `scores` (one array per passage).
 
         `eligible` replaces rule 1 with the caller's own masks (a method with extra rules, such as
-        Provence's title rule, builds them from `passes`); `eligible_passages` rules passages out
+        Provence's title rule, builds them from `passes`), which become the result: they are
+        written in place; `eligible_passages` rules passages out
         of every step; `sentence_texts` and `counter` are needed for `budget_tokens`.
         """
         n_pass = len(scores)
@@ -111,7 +112,7 @@ class SentenceSelection:
             if not eligible_passages[pi]:
                 masks.append(np.zeros(len(s), dtype=bool))
             elif eligible is not None:
-                masks.append(np.array(eligible[pi], dtype=bool, copy=True))
+                masks.append(np.asarray(eligible[pi], dtype=bool))  # the caller's own, written in place
             else:
                 masks.append(self.passes(s))
         if eligible is None and self.relative is not None:

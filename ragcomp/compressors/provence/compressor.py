@@ -359,8 +359,13 @@ class ProvenceCompressor(Compressor):
     def selection(self) -> SentenceSelection:
         """The shared sentence selector: Provence's strict `score > threshold` (0 keeps every
         sentence), then the min/max sentence counts over all passages, ties to the better-ranked."""
-        return SentenceSelection(threshold=self.threshold, inclusive=False,
-                                 min_sentences=self.min_sentences, max_sentences=self.max_sentences)
+        key = (self.threshold, self.min_sentences, self.max_sentences)
+        cached = self.__dict__.get("_selection_cache")
+        if cached is None or cached[0] != key:  # built and checked once per setting, not per call
+            cached = (key, SentenceSelection(threshold=key[0], inclusive=False, min_sentences=key[1],
+                                             max_sentences=key[2]))
+            self._selection_cache = cached
+        return cached[1]
 
     def _select(self, scored: list[PassageScores]) -> list[Compressed]:
         by_rank = sorted(range(len(scored)), key=lambda i: -math.inf if scored[i].ranking is None
