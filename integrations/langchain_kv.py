@@ -61,13 +61,14 @@ class KVCacheRunnable(Runnable[Any, Any]):
     """
 
     def __init__(self, kv_cache: KVCache, retriever: BaseRetriever | None = None, max_new_tokens: int = 64,
-                 repair: Any = True, return_stats: bool = False) -> None:
+                 repair: Any = True, return_stats: bool = False, reuse: str = "exact") -> None:
         if not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a ragcomp.kv.KVCache, got {type(kv_cache).__name__}")
         self.kv_cache = kv_cache
         self.retriever = retriever
         self.max_new_tokens = max_new_tokens
         self.repair = repair
+        self.reuse = reuse  # "exact" (answers equal a full prefill) or "chunks" (see KVCache.generate)
         self.return_stats = return_stats
 
     @property
@@ -114,7 +115,8 @@ class KVCacheRunnable(Runnable[Any, Any]):
         if not docs:
             return "", {}
         ans = self.kv_cache.generate(question, documents_to_passages(docs),
-                                     max_new_tokens=self.max_new_tokens, repair=self.repair)
+                                     max_new_tokens=self.max_new_tokens, repair=self.repair,
+                                     reuse=self.reuse)
         return ans.text, ans.stats.to_dict()
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:

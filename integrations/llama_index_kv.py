@@ -68,6 +68,7 @@ class KVCacheQueryEngine(BaseQueryEngine):
         node_postprocessors: Sequence[BaseNodePostprocessor] | None = None,
         metadata_mode: MetadataMode = MetadataMode.NONE,
         callback_manager: CallbackManager | None = None,
+        reuse: str = "exact",
     ) -> None:
         if not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a ragcomp.kv.KVCache, got {type(kv_cache).__name__}")
@@ -75,6 +76,7 @@ class KVCacheQueryEngine(BaseQueryEngine):
         self.kv_cache = kv_cache
         self.max_new_tokens = max_new_tokens
         self.repair = repair
+        self.reuse = reuse  # "exact" (answers equal a full prefill) or "chunks" (see KVCache.generate)
         self.node_postprocessors = list(node_postprocessors or [])
         self.metadata_mode = metadata_mode
         super().__init__(callback_manager or getattr(retriever, "callback_manager", None))
@@ -101,7 +103,8 @@ class KVCacheQueryEngine(BaseQueryEngine):
         ) as event:
             if passages:
                 ans = self.kv_cache.generate(query_bundle.query_str, passages,
-                                             max_new_tokens=self.max_new_tokens, repair=self.repair)
+                                             max_new_tokens=self.max_new_tokens, repair=self.repair,
+                                             reuse=self.reuse)
                 text, stats = ans.text, ans.stats.to_dict()
             else:  # nothing retrieved: say so instead of answering from nothing
                 text, stats = "Empty Response", {}

@@ -53,7 +53,7 @@ def test_exact_prefix_reuse_matches_full_prefill(kv: KVCache) -> None:
     _, ref = eng.full_prefill(asm.ids + q)
     assert (got - ref).abs().max().item() <= 1e-4
     # and through the public API: same prompt ids, same greedy answer
-    a = kv.generate(QUESTION, ["eiffel"], max_new_tokens=NEW)
+    a = kv.generate(QUESTION, ["eiffel"], max_new_tokens=NEW, reuse="chunks")
     b = kv.generate_full(QUESTION, ["eiffel"], max_new_tokens=NEW)
     assert a.prompt_ids == b.prompt_ids and a.token_ids == b.token_ids
     assert a.stats.hits["cpu"] == 2 and a.stats.misses == 0  # prefix + chunk
@@ -97,14 +97,14 @@ def test_fingerprint_never_returns_kv_for_other_prefix_text_or_entry(lm) -> None
     n_entries = len(store)
     # same everything: served from the store
     b = KVCache(lm, store)
-    ans = b.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=1)
+    ans = b.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=1, reuse="chunks")
     assert ans.stats.hits["store"] == 3 and ans.stats.misses == 0
     # other prefix (system prompt) -> other keys; nothing reused
     c = KVCache(lm, store, system_prompt="You are a terse assistant.")
-    assert c.generate(QUESTION, PASSAGES[:2], max_new_tokens=1).stats.hits["store"] == 0
+    assert c.generate(QUESTION, PASSAGES[:2], max_new_tokens=1, reuse="chunks").stats.hits["store"] == 0
     # other text under the same passage id -> recomputed, never the old KV
     edited = Passage("eiffel", PASSAGES[0].text.replace("1889", "1887"))
-    s = b.generate(QUESTION, [edited], max_new_tokens=1).stats
+    s = b.generate(QUESTION, [edited], max_new_tokens=1, reuse="chunks").stats
     assert s.hits["store"] + s.hits["cpu"] == 1 and s.misses == 1  # only the prefix was reused
     # a foreign entry planted under the right key is refused (fingerprint inside the entry)
     e = KVCache(lm, MemoryStore())
@@ -113,7 +113,7 @@ def test_fingerprint_never_returns_kv_for_other_prefix_text_or_entry(lm) -> None
     other_key = e._key(e._fp(e.passage_chunks(PASSAGES[2])[0]))
     e.store.set(other_key, e.store.get(good_key))
     e.clear_tiers()
-    s = e.generate("Which is the highest mountain?", [PASSAGES[2]], max_new_tokens=1).stats
+    s = e.generate("Which is the highest mountain?", [PASSAGES[2]], max_new_tokens=1, reuse="chunks").stats
     assert s.hits["store"] == 0 and s.misses == 1
     assert n_entries > 0
 
@@ -122,14 +122,14 @@ def test_store_tiers_disk_and_repeat(lm, tmp_path: Path) -> None:
     kv = KVCache(lm, f"disk:{tmp_path / 'kv'}")
     kv.add(PASSAGES)
     kv.clear_tiers()
-    first = kv.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW)
+    first = kv.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW, reuse="chunks")
     assert first.stats.hits["store"] == 3 and first.stats.bytes_loaded["store"] > 0
-    again = kv.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW)
+    again = kv.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW, reuse="chunks")
     assert again.stats.hits["cpu"] == 4 and again.stats.hits["store"] == 0
     assert first.token_ids == again.token_ids
     # a new process finds the passages by id through the store's index
     other = KVCache(lm, f"disk:{tmp_path / 'kv'}")
-    third = other.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW)
+    third = other.generate(QUESTION, ["nile", "eiffel", "everest"], max_new_tokens=NEW, reuse="chunks")
     assert third.token_ids == first.token_ids and third.stats.misses == 0
     with pytest.raises(KeyError, match="never added"):
         other.generate(QUESTION, ["no-such-id"])
@@ -139,7 +139,7 @@ def test_corrupt_and_truncated_entries_are_dropped_and_recomputed(lm) -> None:
     store = MemoryStore()
     kv = KVCache(lm, store)
     kv.add(PASSAGES[:2])
-    ref = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW)
+    ref = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW, reuse="chunks")
     key0 = kv._key(kv._fp(kv.passage_chunks(PASSAGES[0])[0]))
     key1 = kv._key(kv._fp(kv.passage_chunks(PASSAGES[1])[0]))
     raw = store.get(key0)
@@ -149,14 +149,14 @@ def test_corrupt_and_truncated_entries_are_dropped_and_recomputed(lm) -> None:
     store.set(key1, store.get(key1)[:1000])  # half-written
     kv.clear_tiers()
     with pytest.warns(RuntimeWarning, match="corrupt"):
-        ans = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW)
+        ans = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW, reuse="chunks")
     assert ans.stats.corrupt_entries == 2 and ans.stats.misses == 2
     assert ans.token_ids == ref.token_ids
     # recomputed entries were written back and read cleanly next time
     kv.clear_tiers()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW)
+        again = kv.generate(QUESTION, ["eiffel", "nile"], max_new_tokens=NEW, reuse="chunks")
     assert again.stats.hits["store"] == 2 and again.token_ids == ref.token_ids
 
 
@@ -170,7 +170,7 @@ def test_redis_tier_and_redis_side_corruption(lm, redis_url: str) -> None:
     kv = KVCache(lm, store, storage="fp8")
     kv.add(PASSAGES)
     kv.clear_tiers()
-    ans = kv.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW)
+    ans = kv.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW, reuse="chunks")
     assert ans.stats.hits["store"] == 3
     assert ans.prompt_ids == kv.prompt_ids(QUESTION, ["eiffel", "nile", "everest"])
     # damage the bytes inside Redis behind the store's back: its checksum catches it
@@ -180,7 +180,7 @@ def test_redis_tier_and_redis_side_corruption(lm, redis_url: str) -> None:
     biggest = max(names, key=lambda n: raw.strlen(n))
     raw.setrange(biggest, raw.strlen(biggest) // 2, b"\xff\x00\xff")
     kv.clear_tiers()
-    again = kv.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW)
+    again = kv.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=NEW, reuse="chunks")
     assert again.stats.misses == 1 and again.stats.hits["store"] == 2
     assert again.token_ids == ans.token_ids
     store.clear()
@@ -217,23 +217,25 @@ def test_redis_cluster_store(lm, redis_cluster_urls: list[str]) -> None:
     kv.add(PASSAGES)
     kv.clear_tiers()
     other = KVCache(lm, url, namespace="test-kv-cluster")
-    ans = other.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=2)
+    ans = other.generate(QUESTION, ["eiffel", "nile", "everest"], max_new_tokens=2, reuse="chunks")
     assert ans.stats.hits["store"] == 4 and ans.stats.misses == 0  # prefix + 3 chunks
 
 
 def test_repair_options_and_refusal(kv: KVCache) -> None:
     full = kv.generate_full(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW)
-    exact = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW, repair="deviation:1.0")
+    exact = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW,
+                        repair="deviation:1.0", reuse="chunks")
     assert exact.token_ids == full.token_ids  # recomputing every later-chunk token is a full prefill
     later = [PASSAGES[2], PASSAGES[0]]  # every chunk after the first one in the prompt
     n_later = sum(len(c) for p in later for c in kv.passage_chunks(p))
     assert exact.stats.repaired_tokens == n_later
-    first = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW, repair="first:4")
+    first = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW,
+                        repair="first:4", reuse="chunks")
     assert first.stats.repaired_tokens == 8 and first.text
     assert isinstance(kv.engine, KVEngine)
     # the question-attention selection gets the question's ids through generate()
     by_question = kv.generate(QUESTION, ["nile", "everest", "eiffel"], max_new_tokens=NEW,
-                              repair="attention:1.0")
+                              repair="attention:1.0", reuse="chunks")
     assert by_question.token_ids == full.token_ids and by_question.stats.repaired_tokens == n_later
 
 

@@ -1,7 +1,8 @@
-"""Document KV cache: precompute each chunk's KV once, keep it in GPU/CPU/store tiers, move it
-to wherever a retrieved chunk lands, and answer repeated questions without prefilling the
-documents again. `KVCache` is the entry point (configured by `PromptConfig` and `TierConfig`);
-`KVEngine` does the token-level work."""
+"""Document KV cache: keep prompt KV in GPU/CPU/store tiers and answer repeated questions without
+prefilling the documents again. By default the longest cached prefix of the exact prompt is
+reused (blocks along a hash chain, `ragcomp.kv.chain`: answers equal a full prefill); opt-in,
+each chunk's KV precomputed once is moved to wherever it lands (approximate). `KVCache` is the
+entry point (configured by `PromptConfig` and `TierConfig`); `KVEngine` does the token-level work."""
 
 from ragcomp.kv.codec import STORAGE_KINDS, ChunkKV, CorruptEntryError, decode_entry, encode_entry
 from ragcomp.kv.config import PromptConfig, TierConfig

@@ -2,21 +2,27 @@
 
     kv = KVCache(model="smollm2-135m", store="disk:/tmp/kv")
     ids = kv.add(passages)                       # encode each chunk once, after one shared prefix
-    ans = kv.generate("Who wrote X?", ids[:10])  # load, rotate into place, prefill the question only
-    ans.text, ans.stats.ttft, ans.stats.hits
+    ans = kv.generate("Who wrote X?", ids[:10])  # longest cached prefix loaded, the rest prefilled
+    ans.text, ans.stats.ttft, ans.stats.tokens_loaded, ans.stats.tokens_prefilled
 
 Prompt layout (token ids, concatenated; never re-tokenised as one string):
 
     [chat head + system + instruction] [chunk 1] ... [chunk k] [question + chat tail]
-     shared prefix: encoded once          each encoded after the prefix only
+     shared prefix: encoded once          reuse="exact": blocks along a hash chain
+                                          reuse="chunks": each encoded after the prefix only
 
-Chunk k's keys are rotated from the position it was encoded at to where it lands. What
-moving cannot restore is attention between chunks (each never saw the others); the
-`repair` option recomputes part of it (see `Repair`), off by default.
+`generate(reuse="exact")` (the default, `PrefixChain` in `ragcomp.kv.chain`) keeps each chunk's
+KV as it was in the prompt that first held it, keyed by everything before it: the longest
+cached prefix of a prompt is loaded as it is and the rest prefilled, so answers equal
+`generate_full`'s. `reuse="chunks"` (what `add` precomputes) reuses a chunk in any prompt:
+its keys are rotated from the position it was encoded at to where it lands. What moving
+cannot restore is attention between chunks (each never saw the others); the `repair` option
+recomputes part of it (see `Repair`), off by default.
 
 A `KVCache` holds the parts it drives: `engine` (`KVEngine`, the model-side work), `tiers`
 (`TieredKV`: GPU and CPU LRUs in front of `store`), `layout` (`PromptLayout`: the token ids of
-this layout, entry keys and the passage index), `prefix` (`SharedPrefix`: the prefix's KV) and,
+this layout, entry keys and the passage index), `prefix` (`SharedPrefix`: the prefix's KV),
+`chain` (`PrefixChain`: exact prompt-prefix blocks) and,
 once asked for, `long_documents()` (`LongDocuments`: KV pages of long documents). Its settings
 are declared in `PromptConfig` and `TierConfig` (`ragcomp.kv.config`).
 """
@@ -33,6 +39,7 @@ from typing import Any
 
 from ragcomp.base import as_passages
 from ragcomp.kv.cache_prompt import PassageOrId, PromptLayout
+from ragcomp.kv.chain import PrefixChain
 from ragcomp.kv.codec import ChunkKV
 from ragcomp.kv.config import PromptConfig, TierConfig, with_options
 from ragcomp.kv.engine import KVEngine
@@ -53,8 +60,8 @@ class KVCache:
             `ragcomp.models.CausalLM`, or a Hugging Face model (then pass `tokenizer`).
         store: "memory", "disk:DIR", "redis://HOST:PORT/DB", or any `ByteStore`.
         storage: how chunk KV is kept: "native" (model dtype), "bf16", "fp16", "fp8", "int8".
-        repair: default repair for `generate`: None, "first:N", "deviation:SHARE" or
-            "attention:SHARE" (see `ragcomp.kv.repair`).
+        repair: default repair for `generate(reuse="chunks")`: None, "first:N", "deviation:SHARE"
+            or "attention:SHARE" (see `ragcomp.kv.repair`).
         batch_size: chunks encoded per forward pass in `add`.
         namespace: the first part of every store key.
         prompt_config: the prompt's parts and chunk size (`PromptConfig`: system_prompt,
@@ -105,6 +112,7 @@ class KVCache:
         self.batch_size = batch_size
         self.layout = PromptLayout(self.tokenizer, self.engine, self.tiers, self.prompt_config, namespace)
         self.prefix = SharedPrefix(self.engine, self.layout, self.tiers)
+        self.chain = PrefixChain(self.engine, self.layout, self.prefix, self.tiers)
         self._long: LongDocuments | None = None
         stop = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         stops = [stop] if isinstance(stop, int) else list(stop or [])
@@ -183,11 +191,23 @@ class KVCache:
 
     # -- answering -------------------------------------------------------------------------
     def generate(self, question: str, passages_or_ids: Sequence[PassageOrId], max_new_tokens: int = 64,
-                 repair: str | Repair | bool | None = True) -> KVAnswer:
+                 repair: str | Repair | bool | None = True, reuse: str = "exact") -> KVAnswer:
         """Answer greedily from cached KV of the given passages (computing the missing ones).
 
-        `repair=True` uses the cache's default; None/"none" turns it off for this call.
+        `reuse="exact"` (default): the longest cached prefix of the prompt's blocks (shared
+        prefix, then each chunk in order, `ragcomp.kv.chain`) is loaded as it is and the rest
+        prefilled; the answer equals `generate_full`'s. `reuse="chunks"`: each chunk's KV encoded
+        alone after the prefix, rotated into place (approximate); `repair=True` then uses the
+        cache's default repair, None/"none" turns it off for this call.
         """
+        if reuse not in REUSE:
+            raise ValueError(f"reuse must be one of {', '.join(map(repr, REUSE))}, got {reuse!r}")
+        if reuse == "exact":
+            if repair is not True and Repair.parse(repair or None) is not None:
+                raise ValueError("repair= applies to reuse='chunks' only; reuse='exact' needs no repair")
+            ans = self._generate_exact(question, passages_or_ids, max_new_tokens)
+            self.tiers.warn_faults(ans.stats)  # here, so the warnings name generate's caller
+            return ans
         t0 = time.perf_counter()
         stats = KVStats()
         rep = self.repair if repair is True else Repair.parse(repair or None)
@@ -263,6 +283,27 @@ class KVCache:
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return KVAnswer(text, out, asm.ids + q_ids, stats)
 
+    def _generate_exact(self, question: str, passages_or_ids: Sequence[PassageOrId],
+                        max_new_tokens: int) -> KVAnswer:
+        t0 = time.perf_counter()
+        stats = KVStats()
+        chunk_ids = [c for cs in self.layout.resolve(passages_or_ids) for c in cs]
+        q_ids = self.question_ids(question)
+        context = len(self.prefix_ids) + sum(len(c) for c in chunk_ids)
+        self.chain.check_length(context + len(q_ids), max_new_tokens)  # before any model work
+        stats.context_tokens, stats.question_tokens = context, len(q_ids)
+        stats.seconds_prepare = time.perf_counter() - t0
+        cache, logits, ids, new = self.chain.prefill(chunk_ids, q_ids, stats, reserve=max_new_tokens)
+        int(logits.argmax())
+        stats.ttft = time.perf_counter() - t0
+        t = time.perf_counter()
+        out = self.engine.decode(cache, logits, len(ids), max_new_tokens, self.stop_ids)
+        stats.seconds_decode = time.perf_counter() - t
+        stats.new_tokens = len(out)
+        self.chain.store(new, stats)
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return KVAnswer(text, out, ids, stats)
+
     def generate_full(self, question: str, passages_or_ids: Sequence[PassageOrId],
                       max_new_tokens: int = 64) -> KVAnswer:
         """The reference: a full prefill of the very same prompt ids (no cached KV)."""
@@ -271,7 +312,7 @@ class KVCache:
         ids = self.prompt_ids(question, passages_or_ids)
         q_len = len(self.question_ids(question))
         stats.context_tokens, stats.question_tokens = len(ids) - q_len, q_len
-        self.engine.check_length(len(ids) + max_new_tokens)
+        self.chain.check_length(len(ids), max_new_tokens)
         cache, logits = self.engine.full_prefill(ids)
         int(logits.argmax())
         stats.seconds_prefill_question = time.perf_counter() - t0
@@ -322,6 +363,9 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"KVCache(model={self.lm_name!r}, store={type(self.store).__name__}, "
                 f"storage={self.engine.storage!r}, repair={self.repair})")
+
+
+REUSE = ("exact", "chunks")
 
 
 def _text_id(text: str) -> str:

@@ -43,7 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--ids", default=None, help="comma-separated passage ids (else retrieve --top-k)")
     ask.add_argument("--top-k", type=int, default=10)
     ask.add_argument("--max-new-tokens", type=int, default=64)
-    ask.add_argument("--repair", default="none", help="none | first:N | deviation:SHARE | attention:SHARE")
+    ask.add_argument("--reuse", default="exact", choices=["exact", "chunks"],
+                     help="exact: cached prompt prefix, answers equal a full prefill (default); "
+                          "chunks: each chunk's KV moved into place (approximate, --repair applies)")
+    ask.add_argument("--repair", default="none",
+                     help="with --reuse chunks: none | first:N | deviation:SHARE | attention:SHARE")
     ask.add_argument("--compare", action="store_true", help="also answer by full prefill and compare")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--long", default=None, metavar="FILE",
@@ -111,7 +115,8 @@ def _ask(args: argparse.Namespace) -> int:
 
         retriever = CorpusRetriever.for_corpus(args.corpus, progress=True)
         items = list(retriever.retrieve(args.question, args.top_k))
-    ans = kv.generate(args.question, items, max_new_tokens=args.max_new_tokens, repair=args.repair)
+    ans = kv.generate(args.question, items, max_new_tokens=args.max_new_tokens, repair=args.repair,
+                      reuse=args.reuse)
     out: dict[str, Any] = {"question": args.question, "answer": ans.text,
                            "passages": [p.id if isinstance(p, Passage) else p for p in items],
                            "stats": ans.stats.to_dict()}
@@ -130,6 +135,9 @@ def _ask(args: argparse.Namespace) -> int:
               f"{s.hits['store']}, misses {s.misses}; ttft {s.ttft:.3f} s (load {s.seconds_load:.3f}, "
               f"rotate {s.seconds_rotate:.3f}, repair {s.seconds_repair:.3f}, question "
               f"{s.seconds_prefill_question:.3f}); decode {s.seconds_decode:.3f} s", file=sys.stderr)
+        if args.reuse == "exact":
+            print(f"-- loaded {s.blocks_loaded} block(s) / {s.tokens_loaded} tokens, prefilled "
+                  f"{s.blocks_prefilled} block(s) / {s.tokens_prefilled} tokens", file=sys.stderr)
         if args.compare:
             print(f"-- full prefill: ttft {out['full_prefill_ttft']:.3f} s ({out['ttft_ratio']:.1f}x); "
                   f"same answer: {out['same_answer']}", file=sys.stderr)

@@ -38,6 +38,14 @@ class KVStats:
     repaired_tokens: int = 0
     store_errors: int = 0
     corrupt_entries: int = 0
+    # reuse="exact" (ragcomp.kv.chain): blocks (prefix included) and tokens loaded as they are vs
+    # prefilled (the question counts as prefilled tokens); chain_breaks: a block missing or
+    # corrupt before later cached ones, so everything from it on was recomputed.
+    blocks_loaded: int = 0
+    tokens_loaded: int = 0
+    blocks_prefilled: int = 0
+    tokens_prefilled: int = 0
+    chain_breaks: int = 0
 
     @property
     def chunks(self) -> int:
