@@ -48,8 +48,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-device", default=None, help="device for --part quality (default: cuda if any)")
     p.add_argument("--quality-dtype", default="fp32",
                    help="dtype for --part quality (fp32: differences come from chunk encoding only)")
-    p.add_argument("--repairs", default="none,first:16,deviation:0.15,attention:0.15,deviation:1.0",
-                   help="repairs for --part quality (deviation:1.0: full recompute, a sanity row)")
+    p.add_argument("--repairs", default="exact,none,first:16,deviation:0.15,attention:0.15,deviation:1.0",
+                   help="rows of --part quality: exact (reuse='exact'), or a chunk repair "
+                        "(deviation:1.0: full recompute, a sanity row)")
     p.add_argument("--qa", default=str(QA_DEFAULT), help="qa_dev.jsonl")
     p.add_argument("--redis-url", default=None, help="Redis to use (default: a throwaway local server)")
     p.add_argument("--redis-rounds", type=int, default=9, help="timed rounds per storage kind (--part redis)")
@@ -175,7 +176,7 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
                                                 for t in tiers}
     agree: dict[str, int] = dict.fromkeys(tiers, 0)
     ctx_tokens = []
-    encoded.generate(qs[0]["question"], retrieved[0], max_new_tokens=1)  # warm-up
+    encoded.generate(qs[0]["question"], retrieved[0], max_new_tokens=1, reuse="chunks")  # warm-up
     for q, ps in zip(qs, retrieved, strict=True):
         full = encoded.generate_full(q["question"], ps, max_new_tokens=1)
         per["full prefill"].append(full.stats.ttft)
@@ -186,7 +187,7 @@ def bench_ttft(args: argparse.Namespace, redis_url: str | None) -> list[dict[str
                 keys = [kv.layout.key(kv.layout.fingerprint(c)) for p in ps for c in kv.passage_chunks(p)]
                 if tier == "disk (cold)":
                     _drop_page_cache(disk, keys)
-            ans = kv.generate(q["question"], ps, max_new_tokens=1, repair=None)
+            ans = kv.generate(q["question"], ps, max_new_tokens=1, reuse="chunks", repair=None)
             s = ans.stats
             assert s.misses == 0, f"{tier}: {s.misses} misses"
             per[tier].append(s.ttft)

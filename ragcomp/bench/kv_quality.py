@@ -5,7 +5,8 @@ answer equals the full-prefill answer (and its first token), how often it contai
 answer, and the KL divergence of the first answer token's distribution from the full
 prefill's (the same prompt ids, so any difference comes from independent chunk encoding).
 "deviation:1.0" recomputes every token after the first chunk: a sanity row that must match
-the full prefill.
+the full prefill. "exact" answers with `reuse="exact"` from the prompt's cached block chain (a
+second call after the one that stored it): it must equal the full prefill.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 from ragcomp.bench import print_table
 from ragcomp.bench.common import median, read_questions, retrieve_passages
+
+EXACT = "exact"  # the exact prefix-reuse row (`reuse="exact"`), beside the chunk repairs
 
 
 def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -43,13 +46,20 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
         gold_hit["full prefill"] += _has_answer(full.text, q["answers"])
         _, ref = kv.engine.full_prefill(full.prompt_ids)
         for r in repairs:
-            ans = kv.generate(q["question"], ps, max_new_tokens=args.max_new_tokens, repair=r)
+            if r == EXACT:
+                # The first exact call stores the prompt's blocks; the second answers from them.
+                kv.generate(q["question"], ps, max_new_tokens=1, reuse="exact")
+                ans = kv.generate(q["question"], ps, max_new_tokens=args.max_new_tokens, reuse="exact")
+            else:
+                ans = kv.generate(q["question"], ps, max_new_tokens=args.max_new_tokens, reuse="chunks",
+                                  repair=r)
             same[r] += int(ans.token_ids == full.token_ids)
             same_first[r] += int(ans.token_ids[:1] == full.token_ids[:1])
             gold_hit[r] += _has_answer(ans.text, q["answers"])
             ttft[r].append(ans.stats.ttft)
             repaired[r].append(ans.stats.repaired_tokens)
-            kls[r].append(kl_divergence(ref, first_token_logits(kv, q["question"], ps, r)))
+            if r != EXACT:
+                kls[r].append(kl_divergence(ref, first_token_logits(kv, q["question"], ps, r)))
         print(f"\rquality: {i + 1}/{len(qs)} questions, {time.perf_counter() - t0:.0f} s", end="",
               file=sys.stderr)
     print(file=sys.stderr)
@@ -58,10 +68,12 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
              "contains_gold": f"{gold_hit['full prefill']}/{n}", "first_token_KL_mean": 0.0,
              "first_token_KL_median": 0.0, "ttft_s": median(ttft["full prefill"]), "repaired_tokens": 0}]
     for r in repairs:
-        label = f"KV, repair={r}" + (" (full recompute)" if r.strip().lower() == "deviation:1.0" else "")
+        label = ("KV, exact prefix reuse (cached chain)" if r == EXACT else f"KV chunks, repair={r}"
+                 + (" (full recompute)" if r.strip().lower() == "deviation:1.0" else ""))
         rows.append({"answer from": label, "same_answer_as_full": f"{same[r]}/{n} ({same[r] / n:.0%})",
                      "same_first_token": f"{same_first[r]}/{n}", "contains_gold": f"{gold_hit[r]}/{n}",
-                     "first_token_KL_mean": sum(kls[r]) / n, "first_token_KL_median": median(kls[r]),
+                     "first_token_KL_mean": sum(kls[r]) / n if kls[r] else None,
+                     "first_token_KL_median": median(kls[r]) if kls[r] else None,
                      "ttft_s": median(ttft[r]), "repaired_tokens": median(repaired[r])})
     print_table(rows, f"Answer agreement, {lm.name} {args.quality_dtype} on {lm.device}, greedy, "
                 f"{args.max_new_tokens} new tokens, "
