@@ -20,7 +20,7 @@ from ragcomp.eval.domain_sources import (
 )
 from ragcomp.eval.domain_text import html_blocks, html_sections, info_nodes, render_man
 from ragcomp.eval.suite import bucket, load_domain, naive_context, run_suite
-from ragcomp.eval.suite_report import suite_markdown
+from ragcomp.eval.suite_report import kind_rows, suite_markdown
 from ragcomp.text import split_sentences
 from ragcomp.tokens import get_counter
 
@@ -431,6 +431,10 @@ def test_run_suite_two_domains_rows_buckets_and_tables(suite_dir: Path, tmp_path
     assert across["none (uncompressed)"]["tokens_in"] == sum(
         report["domains"][d]["rows"][0]["tokens_in"] for d in ("alpha", "beta")
     )
+    kinds = {r["method"]: r for r in kind_rows(report)}
+    ratio = across["recomp-extractive top_k=1"]["compression_ratio"]
+    assert kinds["recomp-extractive top_k=1"] == {"method": "recomp-extractive top_k=1",
+                                                  "t (3)": f"100.0% @ {ratio:.2f}×"}
     text = suite_markdown(report)
     for part in (
         "### alpha",
@@ -439,6 +443,7 @@ def test_run_suite_two_domains_rows_buckets_and_tables(suite_dir: Path, tmp_path
         "| naive@recomp-extractive top_k=1 |",
         "kept @ ratio, >300 words",
         "answer kept, mean of domains",
+        "### all domains by question kind",
     ):
         assert part in text
 

@@ -66,6 +66,31 @@ def suite_rows(rows: Sequence[Mapping[str, Any]], macro: bool = False) -> list[d
     return out
 
 
+def kind_rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Across domains, per question kind (the `type` of the questions): answer kept @ ratio."""
+    acc: dict[str, dict[str, list[int]]] = {}
+    for dom in report["domains"].values():
+        for row in dom["rows"]:
+            for q in row.get("per_question", []):
+                a = acc.setdefault(row["label"], {}).setdefault(q.get("type") or "-", [0, 0, 0, 0, 0])
+                a[0] += 1
+                a[1] += bool(q["answer_in_retrieved"])
+                a[2] += bool(q["answer_in_retrieved"] and q["answer_in_context"])
+                a[3] += q["tokens_in"]
+                a[4] += q["tokens_out"]
+    kinds = sorted({k for by_kind in acc.values() for k in by_kind})
+    out = []
+    for label, by_kind in acc.items():
+        cells = {"method": label}
+        for k in kinds:
+            n, retr, kept, tin, tout = by_kind.get(k, [0, 0, 0, 0, 0])
+            name = f"{k} ({n})"
+            cells[name] = "–" if not retr else f"{_pct(kept / retr)} @ " + _ratio(
+                {"compression_ratio": tin / tout if tout else None, "tokens_in": tin, "tokens_out": tout})
+        out.append(cells)
+    return out
+
+
 def suite_markdown(report: Mapping[str, Any]) -> str:
     """The whole run as markdown: a line of settings, a table per domain, the table across domains."""
     cfg = report["config"]
@@ -89,11 +114,11 @@ def suite_markdown(report: Mapping[str, Any]) -> str:
             render_table(suite_rows(dom["rows"])),
             "",
         ]
+    parts += ["### all domains", "", render_table(suite_rows(report["across"], macro=True)), ""]
+    kinds = kind_rows(report)
+    if kinds:
+        parts += ["### all domains by question kind (answer kept @ ratio)", "", render_table(kinds), ""]
     parts += [
-        "### all domains",
-        "",
-        render_table(suite_rows(report["across"], macro=True)),
-        "",
         "ratio = tokens in / tokens out; answer kept = questions whose short answer (or, without one, "
         "evidence sentence) is still in the context, of those whose top-k held it; evidence recall = "
         "evidence sentences kept verbatim, of those the top-k held; empty = the method kept nothing; "
